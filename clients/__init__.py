@@ -1,0 +1,1 @@
+"""fedtrust.clients."""

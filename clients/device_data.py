@@ -1,0 +1,71 @@
+"""What a device holds in a given round: all its data (static) or a continual stream with a cap.
+
+In the continual setting a device's examples arrive over rounds: a share `initial_fraction` is there
+at round 1, then Poisson(`arrival_rate` x stream length) new ones each round until the stream runs
+dry. When storage holds more than `capacity` examples, the oldest (fifo) or random ones are deleted.
+Everything is a pure function of (seed, device, round), so the server's metadata, the device and a
+resumed run all agree without sharing state.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+class DeviceStore:
+    """One device's storage, advanced round by round."""
+
+    def __init__(self, stream: np.ndarray, cfg, seed: int, device: int) -> None:
+        self.cfg = cfg
+        self.seed, self.device = seed, device
+        self.static = cfg.mode == "static"
+        order = np.random.default_rng([seed, device, 0]).permutation(len(stream))
+        self.stream = np.asarray(stream)[order] if not self.static else np.asarray(stream)
+        self.round = 0
+        self.arrived = 0  # how much of the stream has arrived so far
+        self.stored: list[int] = []  # positions in the stream, oldest first
+
+    def advance_to(self, server_round: int) -> None:
+        if server_round < self.round:
+            raise ValueError(f"device {self.device}: cannot go back from round {self.round}")
+        while self.round < server_round:
+            self.round += 1
+            self._step()
+
+    def _step(self) -> None:
+        if self.static:
+            return
+        n = len(self.stream)
+        rng = np.random.default_rng([self.seed, self.device, self.round])
+        if self.round == 1:
+            new = max(1, math.ceil(self.cfg.initial_fraction * n))
+        else:
+            new = int(rng.poisson(self.cfg.arrival_rate * n))
+        new = min(new, n - self.arrived)
+        self.stored.extend(range(self.arrived, self.arrived + new))
+        self.arrived += new
+        excess = len(self.stored) - self.cfg.capacity if self.cfg.capacity > 0 else 0
+        if excess > 0:
+            if self.cfg.eviction == "fifo":
+                del self.stored[:excess]
+            else:
+                drop = set(rng.choice(len(self.stored), size=excess, replace=False).tolist())
+                self.stored = [s for i, s in enumerate(self.stored) if i not in drop]
+
+    def available(self, server_round: int) -> np.ndarray:
+        """Indices (into the training set) of the examples present in `server_round`."""
+        self.advance_to(server_round)
+        return self.stream if self.static else self.stream[self.stored]
+
+    def count(self, server_round: int) -> int:
+        self.advance_to(server_round)
+        return len(self.stream) if self.static else len(self.stored)
+
+
+def available_examples(
+    stream: np.ndarray, cfg, seed: int, device: int, server_round: int
+) -> np.ndarray:
+    """A fresh replay of one device's storage up to `server_round` (what the device itself does)."""
+    return DeviceStore(stream, cfg, seed, device).available(server_round)

@@ -1,0 +1,107 @@
+"""The server's round loop: select -> train on devices -> aggregate -> evaluate -> checkpoint.
+
+Flower's `Strategy.start` runs a fixed loop; fedtrust keeps the same steps (the strategy's
+configure/aggregate methods and `grid.send_and_receive`) in its own loop so that each round ends
+with a checkpoint and a line in metrics.jsonl, and a stopped run resumes from its last round.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from fedtrust.tasks import Task, trainable_state
+from flwr.app import Array, ArrayRecord, ConfigRecord
+from flwr.serverapp import Grid
+
+from .checkpoint import load_checkpoint, save_checkpoint
+from .evaluation import CentralEvaluator
+from .registry import check_in
+from .selection import make_selection
+from .strategy import make_strategy
+
+log = logging.getLogger(__name__)
+METRICS = "metrics.jsonl"
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / METRICS
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _keep_rounds(run_dir: Path, last_round: int) -> None:
+    """Drop metric lines of rounds after the checkpoint (a crash may have left one)."""
+    rows = [r for r in read_metrics(run_dir) if r["round"] <= last_round]
+    (run_dir / METRICS).write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def run_federation(
+    grid: Grid,
+    cfg,
+    run_dir: Path,
+    task: Task,
+    num_devices: int,
+    metadata: Callable[[int], np.ndarray] | None = None,
+    on_round: Callable[[dict[str, Any]], None] | None = None,
+    timeout: float = 3600.0,
+) -> dict[str, Any]:
+    """Run (or resume) `cfg.server.rounds` rounds; returns the final full-test metrics."""
+    message_config = ConfigRecord({"fedtrust-config": json.dumps(cfg.to_dict())})
+    registry = check_in(grid, message_config, expected=num_devices, timeout=timeout)
+    registry.metadata = metadata
+    strategy = make_strategy(cfg, registry, make_selection(cfg.selection))
+    evaluator = CentralEvaluator(
+        task, cfg.run.seed, cfg.server.eval_examples, cfg.server.eval_batch_size
+    )
+
+    checkpoint = load_checkpoint(run_dir)
+    if checkpoint is None:
+        arrays = ArrayRecord({k: v.clone() for k, v in trainable_state(evaluator.model).items()})
+        start = 1
+        (run_dir / METRICS).write_text("")
+        _append(run_dir, {"round": 0, **evaluator(arrays), "seconds": 0.0})
+    else:
+        last, saved, state = checkpoint
+        arrays = ArrayRecord({k: Array(v) for k, v in saved.items()})
+        strategy.load_state(state)
+        _keep_rounds(run_dir, last)
+        start = last + 1
+        log.info("resuming after round %d", last)
+
+    for server_round in range(start, cfg.server.rounds + 1):
+        began = time.perf_counter()
+        messages = strategy.configure_train(
+            server_round, arrays, ConfigRecord(message_config), grid
+        )
+        replies = grid.send_and_receive(messages, timeout=timeout)
+        new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
+        arrays = new_arrays or arrays
+        row = {
+            "round": server_round,
+            **evaluator(arrays),
+            "train_loss": float((train_metrics or {}).get("train_loss", float("nan"))),
+            **strategy.last_selection,
+            "seconds": time.perf_counter() - began,
+        }
+        _append(run_dir, row)
+        save_checkpoint(
+            run_dir, server_round, {k: v.numpy() for k, v in arrays.items()}, strategy.state()
+        )
+        if on_round:
+            on_round(row)
+
+    final = evaluator(arrays, full=True)
+    task.save(evaluator.model, run_dir / "model")
+    return final
+
+
+def _append(run_dir: Path, row: dict[str, Any]) -> None:
+    with (run_dir / METRICS).open("a") as f:
+        f.write(json.dumps(row) + "\n")

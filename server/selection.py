@@ -1,0 +1,111 @@
+"""Which devices train in a round: uniform, or activity-based (P ~ available examples ** beta).
+
+Devices are drawn without replacement by successive sampling proportional to their weights
+(implemented with the Gumbel-top-k trick). Devices with no available examples are never drawn.
+Inclusion probabilities (needed for unbiased aggregation) are exact for uniform sampling and
+estimated by Monte Carlo with the same sampler otherwise.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+def gumbel_top_k(log_weights: np.ndarray, k: int, rng: np.random.Generator, draws: int = 1):
+    """`draws` samples of k distinct indices by successive sampling with P ~ exp(log_weights)."""
+    keys = log_weights + rng.gumbel(size=(draws, len(log_weights)))
+    return np.argpartition(-keys, k - 1, axis=1)[:, :k]
+
+
+class Selection:
+    """Base class: subclasses only say how much weight each device gets."""
+
+    name = "base"
+
+    def weights(self, counts: np.ndarray) -> np.ndarray:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def select(
+        self, counts: np.ndarray, k: int, rng: np.random.Generator
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Return (chosen device indices, inclusion probability of every device)."""
+        counts = np.asarray(counts, dtype=float)
+        w = self.weights(counts)
+        eligible = int((w > 0).sum())
+        if eligible == 0:
+            raise RuntimeError("no device has any available example: nothing can be trained")
+        if eligible < k:
+            log.warning("only %d devices have data; selecting all of them (asked %d)", eligible, k)
+            k = eligible
+        with np.errstate(divide="ignore"):
+            log_w = np.log(w)
+        chosen = gumbel_top_k(log_w, k, rng)[0]
+        return np.sort(chosen), self.inclusion_probabilities(w, k)
+
+    @staticmethod
+    def inclusion_probabilities(
+        weights: np.ndarray, k: int, draws: int = 4000, seed: int = 0
+    ) -> np.ndarray:
+        """P(device i is among the k drawn). Exact when weights are equal, else Monte Carlo."""
+        positive = weights > 0
+        if k >= positive.sum():
+            return positive.astype(float)
+        if np.allclose(weights[positive], weights[positive][0]):
+            return positive * (k / positive.sum())
+        with np.errstate(divide="ignore"):
+            log_w = np.log(weights)
+        picks = gumbel_top_k(log_w, k, np.random.default_rng(seed), draws)
+        freq = np.bincount(picks.ravel(), minlength=len(weights)) / draws
+        # A device with weight > 0 can always be drawn; keep its estimate away from zero.
+        return np.where(positive, np.maximum(freq, 1.0 / draws), 0.0)
+
+
+class UniformSelection(Selection):
+    name = "uniform"
+
+    def weights(self, counts: np.ndarray) -> np.ndarray:
+        return (counts > 0).astype(float)
+
+
+class ActivitySelection(Selection):
+    """P(select) ~ count ** beta: beta = 1 proportional to data, 0.5 square root, 0 uniform."""
+
+    name = "activity"
+
+    def __init__(self, beta: float = 1.0) -> None:
+        if beta < 0:
+            raise ValueError(f"selection.beta must be >= 0, got {beta}")
+        self.beta = beta
+
+    def weights(self, counts: np.ndarray) -> np.ndarray:
+        return np.where(counts > 0, np.power(np.maximum(counts, 1.0), self.beta), 0.0)
+
+
+def make_selection(cfg) -> Selection:
+    """From a SelectionConfig."""
+    return ActivitySelection(cfg.beta) if cfg.strategy == "activity" else UniformSelection()
+
+
+def aggregation_weights(
+    scheme: str, counts: np.ndarray, chosen: np.ndarray, inclusion: np.ndarray
+) -> np.ndarray:
+    """Weight of each chosen device's model in the aggregate.
+
+    - examples: n_i (plain weighted FedAvg; over-weights heavy devices when they are also sampled
+      more often)
+    - inverse-probability: n_i / pi_i, normalised (Hajek estimator: approximately unbiased)
+    - unbiased: n_i / (n pi_i), NOT normalised (Horvitz-Thompson: the expected update equals the
+      full-participation update sum_i n_i / n * delta_i); the server applies it to model deltas.
+    """
+    n_chosen = counts[chosen].astype(float)
+    if scheme == "examples":
+        return n_chosen
+    if scheme == "inverse-probability":
+        return n_chosen / inclusion[chosen]
+    if scheme == "unbiased":
+        return n_chosen / (counts.sum() * inclusion[chosen])
+    raise ValueError(f"unknown weighting {scheme!r}")

@@ -1,0 +1,252 @@
+"""The run configuration: typed sections, TOML loading, `--set key=value` overrides, validation.
+
+Every error names the file (or `--set`), the key and the value, in one line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+
+class ConfigError(ValueError):
+    """A configuration value is unknown, ill-typed or out of range."""
+
+
+@dataclass
+class TaskConfig:
+    kind: Literal["intent", "lm"] = "intent"
+    dataset: str = "clinc150"  # bundled name, a .jsonl/.json/.csv file, or a Hugging Face hub id
+    model: str = "minilm"  # "minilm" (bundled), "gpt2-tiny", a local path or a hub id
+    text_column: str = "text"
+    label_column: str = "label"
+    device_column: str = "device"
+    test_fraction: float = 0.1  # held out for the server when the data has no test split
+    max_length: int = 32  # tokens per example (intent) or characters per example (lm)
+    freeze_embeddings: bool = True
+    freeze_layers: int = 0  # lowest encoder layers kept frozen
+    lm_layers: int = 2
+    lm_width: int = 128
+    lm_heads: int = 4
+
+
+@dataclass
+class PartitionConfig:
+    scheme: Literal["natural", "iid", "dirichlet", "powerlaw"] = "iid"
+    num_devices: int = 100
+    alpha: float = 0.5  # Dirichlet concentration (smaller = more label skew)
+    exponent: float = 1.5  # Pareto shape of device sizes (smaller = more skew)
+    min_examples: int = 1  # natural partitions: devices with fewer examples are dropped
+
+
+@dataclass
+class DevicesConfig:
+    mode: Literal["static", "continual"] = "static"
+    initial_fraction: float = 0.2  # continual: share of a device's stream present at round 1
+    arrival_rate: float = (
+        0.1  # continual: expected new examples per round, as a share of the stream
+    )
+    capacity: int = 0  # continual: storage cap in examples (0 = unlimited)
+    eviction: Literal["fifo", "random"] = "fifo"
+
+
+@dataclass
+class SelectionConfig:
+    strategy: Literal["uniform", "activity"] = "uniform"
+    beta: float = 1.0  # activity: P(select) grows like (available examples) ** beta
+    devices_per_round: int = 10
+    weighting: Literal["examples", "inverse-probability", "unbiased"] = "examples"
+
+
+@dataclass
+class ClientConfig:
+    epochs: int = 2
+    steps: int = 0  # > 0: a fixed number of local steps instead of epochs
+    batch_size: int = 32
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = 2e-4
+    head_lr_scale: float = 10.0  # the new classifier head learns this many times faster
+    weight_decay: float = 0.0
+    num_cpus: int = 2
+    num_gpus: float = 0.0
+
+
+@dataclass
+class ServerConfig:
+    aggregation: Literal["fedavg", "fedadam"] = "fedavg"
+    rounds: int = 12
+    server_lr: float = 1e-2  # FedAdam eta
+    beta_1: float = 0.9
+    beta_2: float = 0.99
+    tau: float = 1e-3
+    eval_examples: int = 1000  # per-round central evaluation subset (0 = whole test set)
+    eval_batch_size: int = 256
+
+
+@dataclass
+class RunConfig:
+    seed: int = 0
+    output_dir: str = "runs"
+    name: str = ""  # run folder name (default: derived from the time)
+    backend: Literal["ray"] = "ray"
+
+
+@dataclass
+class Config:
+    task: TaskConfig = field(default_factory=TaskConfig)
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+    devices: DevicesConfig = field(default_factory=DevicesConfig)
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+    client: ClientConfig = field(default_factory=ClientConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _check_value(annotation: Any, value: Any, where: str) -> Any:
+    """Return `value` converted to `annotation`, or raise ConfigError naming `where`."""
+    origin = get_origin(annotation)
+    if origin is Literal:
+        choices = get_args(annotation)
+        if value not in choices:
+            raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(repr, choices))}")
+        return value
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config annotation {annotation}")
+
+
+def _section_types(section_cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(section_cls)
+
+
+def apply(cfg: Config, values: dict[str, Any], source: str) -> Config:
+    """Merge a nested mapping {section: {key: value}} into `cfg`, validating every key."""
+    sections = _section_types(Config)
+    for section, entries in values.items():
+        if section not in sections:
+            raise ConfigError(
+                f"{source}: unknown section [{section}] (known: {', '.join(sections)})"
+            )
+        if not isinstance(entries, dict):
+            raise ConfigError(f"{source}: [{section}] must be a table of key = value")
+        target = getattr(cfg, section)
+        types_ = _section_types(type(target))
+        for key, value in entries.items():
+            if key not in types_:
+                raise ConfigError(
+                    f"{source}: unknown key {section}.{key} (known: {', '.join(types_)})"
+                )
+            checked = _check_value(types_[key], value, f"{source}: {section}.{key}")
+            setattr(target, key, checked)
+            cfg.__dict__.setdefault("_sources", {})[f"{section}.{key}"] = source
+    return cfg
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """Turn `section.key=value` into {section: {key: value}}; the value is read as TOML."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected section.key=value")
+    path, raw = text.split("=", 1)
+    parts = path.strip().split(".")
+    if len(parts) != 2 or not all(parts):
+        raise ConfigError(f"--set {text!r}: the key must be section.key, e.g. client.lr")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()  # a bare word such as `activity` is a string
+    return {parts[0]: {parts[1]: value}}
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then the TOML file, then each `--set` override; validated at the end."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"{path}: not valid TOML ({err})") from None
+        apply(cfg, data, str(path))
+    for text in overrides or []:
+        apply(cfg, parse_override(text), "--set")
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Rebuild a Config from `Config.to_dict()` output (resolved configs, messages)."""
+    cfg = apply(Config(), data, "config")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Range checks that a type alone cannot express; errors name where the value came from."""
+    sources = cfg.__dict__.get("_sources", {})
+
+    def require(ok: bool, key: str, message: str) -> None:
+        if not ok:
+            section, name = key.split(".")
+            value = getattr(getattr(cfg, section), name)
+            where = sources.get(key, "default")
+            raise ConfigError(f"{where}: {key}: {message.format(value=value)}")
+
+    p, d, s, c, v, t = cfg.partition, cfg.devices, cfg.selection, cfg.client, cfg.server, cfg.task
+    require(p.num_devices >= 1, "partition.num_devices", "must be >= 1, got {value}")
+    require(p.alpha > 0, "partition.alpha", "must be > 0, got {value}")
+    require(p.exponent > 0, "partition.exponent", "must be > 0, got {value}")
+    require(p.min_examples >= 1, "partition.min_examples", "must be >= 1, got {value}")
+    require(
+        0 < d.initial_fraction <= 1, "devices.initial_fraction", "must be in (0, 1], got {value}"
+    )
+    require(d.arrival_rate >= 0, "devices.arrival_rate", "must be >= 0, got {value}")
+    require(d.capacity >= 0, "devices.capacity", "must be >= 0 (0 = unlimited), got {value}")
+    require(s.beta >= 0, "selection.beta", "must be >= 0, got {value}")
+    require(s.devices_per_round >= 1, "selection.devices_per_round", "must be >= 1, got {value}")
+    require(
+        s.devices_per_round <= p.num_devices or p.scheme == "natural",
+        "selection.devices_per_round",
+        f"{{value}} is larger than the population (partition.num_devices = {p.num_devices})",
+    )
+    require(
+        not (s.weighting == "unbiased" and v.aggregation != "fedavg"),
+        "selection.weighting",
+        "'unbiased' needs server.aggregation = 'fedavg' (use 'inverse-probability' with fedadam)",
+    )
+    require(c.epochs >= 1 or c.steps >= 1, "client.epochs", "must be >= 1 (or client.steps >= 1)")
+    require(c.steps >= 0, "client.steps", "must be >= 0, got {value}")
+    require(c.batch_size >= 1, "client.batch_size", "must be >= 1, got {value}")
+    require(c.lr > 0, "client.lr", "must be > 0, got {value}")
+    require(c.head_lr_scale > 0, "client.head_lr_scale", "must be > 0, got {value}")
+    require(c.num_cpus >= 1, "client.num_cpus", "must be >= 1, got {value}")
+    require(v.rounds >= 1, "server.rounds", "must be >= 1, got {value}")
+    require(v.eval_examples >= 0, "server.eval_examples", "must be >= 0, got {value}")
+    require(0 < t.test_fraction < 1, "task.test_fraction", "must be in (0, 1), got {value}")
+    require(t.max_length >= 2, "task.max_length", "must be >= 2, got {value}")
+    require(t.freeze_layers >= 0, "task.freeze_layers", "must be >= 0, got {value}")

@@ -1,0 +1,83 @@
+"""The simulated device population: the task's data split into devices, with per-round storage.
+
+Built deterministically from the config, so the server (for device metadata) and every simulated
+device (for its own examples) build the same population independently, once per process.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from fedtrust.clients.device_data import DeviceStore
+from fedtrust.tasks import Task, build_task
+
+from .config import Config
+from .partition import partition
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Population:
+    cfg: Config
+    task: Task
+    parts: list[np.ndarray]  # training-set indices held by each device
+    names: list[str]
+    _stores: dict[int, DeviceStore] = field(default_factory=dict, repr=False)
+
+    @property
+    def size(self) -> int:
+        return len(self.parts)
+
+    def sizes(self) -> np.ndarray:
+        """Total examples each device will ever hold (its stream length)."""
+        return np.asarray([len(p) for p in self.parts])
+
+    def store(self, device: int, server_round: int) -> DeviceStore:
+        """The device's storage at `server_round` (replayed if asked for an earlier round)."""
+        store = self._stores.get(device)
+        if store is None or store.round > server_round:
+            store = DeviceStore(self.parts[device], self.cfg.devices, self.cfg.run.seed, device)
+            self._stores[device] = store
+        store.advance_to(server_round)
+        return store
+
+    def counts(self, server_round: int) -> np.ndarray:
+        """Available examples on every device in `server_round`: the device metadata."""
+        return np.asarray(
+            [self.store(d, server_round).count(server_round) for d in range(self.size)]
+        )
+
+    def rows(self, device: int, server_round: int) -> list[dict[str, Any]]:
+        """The encoded examples `device` holds in `server_round`."""
+        indices = self.store(device, server_round).available(server_round)
+        return [self.task.train[i] for i in indices]
+
+
+def build_population(cfg: Config) -> Population:
+    task = build_task(cfg.task, seed=cfg.run.seed)
+    labels = [r["labels"] for r in task.train] if task.kind == "intent" else None
+    devices = [r.get("device") for r in task.train]
+    parts, names = partition(cfg.partition, labels, devices, cfg.run.seed)
+    log.info("%d devices, %d training examples", len(parts), len(task.train))
+    return Population(cfg, task, parts, names)
+
+
+_CACHE: dict[str, Population] = {}
+
+
+def cached_population(cfg: Config) -> Population:
+    """One population per process and config (Ray actors serve many devices in turn)."""
+    key = json.dumps(
+        {k: v for k, v in cfg.to_dict().items() if k in ("task", "partition", "devices")}
+        | {"seed": cfg.run.seed},
+        sort_keys=True,
+    )
+    if key not in _CACHE:
+        _CACHE.clear()
+        _CACHE[key] = build_population(cfg)
+    return _CACHE[key]

@@ -1,0 +1,39 @@
+"""A rich progress bar with one line per finished round."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+
+class RoundPrinter:
+    def __init__(self, console: Console, cfg) -> None:
+        self.console, self.cfg = console, cfg
+        self.progress = Progress(
+            TextColumn("[bold]rounds"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+            transient=True,
+        )
+        self.bar = self.progress.add_task("rounds", total=cfg.server.rounds)
+
+    def __enter__(self) -> RoundPrinter:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    def __call__(self, row: dict[str, Any]) -> None:
+        shown = ["in_scope_accuracy", "accuracy", "perplexity", "loss", "train_loss"]
+        parts = [f"{k} {row[k]:.4f}" for k in shown if k in row]
+        self.console.print(
+            f"round {row['round']:>3}/{self.cfg.server.rounds}  "
+            + "  ".join(parts)
+            + f"  ({row['seconds']:.1f} s, {len(row.get('devices', []))} devices)"
+        )
+        self.progress.update(self.bar, completed=row["round"])

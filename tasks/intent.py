@@ -1,0 +1,109 @@
+"""Intent classification (CLINC150 by default) with a pretrained BERT-family encoder."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers.utils import logging as hf_logging
+
+from .base import Task, freeze
+from .models import resolve_model
+
+OUT_OF_SCOPE = "oos"
+
+
+@dataclass
+class IntentTask(Task):
+    model_name: str = ""
+    labels: tuple[str, ...] = ()
+    freeze_embeddings: bool = True
+    freeze_layers: int = 0
+
+    def build_model(self, seed: int = 0) -> nn.Module:
+        torch.manual_seed(seed)  # the new classifier head is the only random part
+        hf_logging.set_verbosity_error()
+        model = AutoModelForSequenceClassification.from_pretrained(
+            self.model_name,
+            num_labels=len(self.labels),
+            id2label=dict(enumerate(self.labels)),
+            label2id={name: i for i, name in enumerate(self.labels)},
+        )
+        base = model.base_model_prefix
+        prefixes = [f"{base}.embeddings."] if self.freeze_embeddings else []
+        prefixes += [f"{base}.encoder.layer.{i}." for i in range(self.freeze_layers)]
+        freeze(model, prefixes)
+        return model
+
+    def save(self, model: nn.Module, folder: Path) -> None:
+        super().save(model, folder)
+        AutoTokenizer.from_pretrained(self.model_name).save_pretrained(folder)
+
+    def _labels(self, rows: list[dict], ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return torch.tensor([r["labels"] for r in rows], dtype=torch.long)
+
+    @torch.no_grad()
+    def evaluate(
+        self, model: nn.Module, rows: list[dict[str, Any]], batch_size: int = 256
+    ) -> dict[str, float]:
+        """Accuracy overall, on in-scope intents, and recall of out-of-scope queries."""
+        model.eval()
+        oos = self.labels.index(OUT_OF_SCOPE) if OUT_OF_SCOPE in self.labels else -1
+        hits = total = in_hits = in_total = oos_hits = oos_total = 0
+        loss_sum = 0.0
+        for batch in self.batches(rows, batch_size):
+            out = model(**batch)
+            loss_sum += float(out.loss) * len(batch["labels"])
+            pred, gold = out.logits.argmax(-1), batch["labels"]
+            correct = pred == gold
+            in_scope = gold != oos
+            hits += int(correct.sum())
+            total += len(gold)
+            in_hits += int(correct[in_scope].sum())
+            in_total += int(in_scope.sum())
+            oos_hits += int(correct[~in_scope].sum())
+            oos_total += int((~in_scope).sum())
+        metrics = {"accuracy": hits / max(total, 1), "loss": loss_sum / max(total, 1)}
+        if oos >= 0:
+            metrics["in_scope_accuracy"] = in_hits / max(in_total, 1)
+            metrics["oos_recall"] = oos_hits / max(oos_total, 1)
+        return metrics
+
+
+def build_intent_task(raw, cfg) -> IntentTask:
+    """Tokenise once; labels become ids in sorted order of their names."""
+    model_name = resolve_model(cfg.model)
+    tokenizer = AutoTokenizer.from_pretrained(model_name)
+    splits = {name: split.to_dict() for name, split in raw.items()}  # columns as plain lists
+    labels = tuple(sorted({str(x) for x in splits["train"]["label"]}))
+    index = {name: i for i, name in enumerate(labels)}
+    unknown = sorted({str(x) for x in splits["test"]["label"]} - set(labels))
+    if unknown:
+        raise ValueError(f"{cfg.dataset}: test labels never seen in training: {unknown[:5]}")
+
+    def encode(split: dict[str, list]) -> list[dict[str, Any]]:
+        ids = tokenizer(split["text"], truncation=True, max_length=cfg.max_length)["input_ids"]
+        rows = [{"input_ids": x, "labels": index[str(y)]} for x, y in zip(ids, split["label"])]
+        if "device" in split:
+            for row, device in zip(rows, split["device"]):
+                row["device"] = str(device)
+        return rows
+
+    primary = "in_scope_accuracy" if OUT_OF_SCOPE in labels else "accuracy"
+    return IntentTask(
+        kind="intent",
+        train=encode(splits["train"]),
+        test=encode(splits["test"]),
+        pad_id=tokenizer.pad_token_id or 0,
+        primary_metric=primary,
+        info={"num_labels": len(labels), "model": model_name},
+        head_prefixes=("classifier.", "bert.pooler.", "pooler."),
+        model_name=model_name,
+        labels=labels,
+        freeze_embeddings=cfg.freeze_embeddings,
+        freeze_layers=cfg.freeze_layers,
+    )

@@ -1,0 +1,111 @@
+"""Next-character language modelling (Shakespeare by default) with a small GPT-2.
+
+The vocabulary is the set of characters of the corpus: no tokenizer download, a tiny embedding
+table, and the same task as LEAF's Shakespeare benchmark. The model is randomly initialised.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from .base import Task
+
+IGNORE = -100
+
+
+@dataclass
+class CharLMTask(Task):
+    vocab: str = ""
+    context: int = 64
+    layers: int = 2
+    width: int = 128
+    heads: int = 4
+
+    def build_model(self, seed: int = 0) -> nn.Module:
+        torch.manual_seed(seed)
+        config = GPT2Config(
+            vocab_size=len(self.vocab) + 1,  # + padding
+            n_positions=self.context,
+            n_embd=self.width,
+            n_layer=self.layers,
+            n_head=self.heads,
+            pad_token_id=self.pad_id,
+            bos_token_id=None,
+            eos_token_id=None,
+        )
+        return GPT2LMHeadModel(config)
+
+    def save(self, model: nn.Module, folder: Path) -> None:
+        super().save(model, folder)
+        (folder / "vocab.json").write_text(json.dumps({"chars": self.vocab, "pad_id": self.pad_id}))
+
+    def _labels(self, rows: list[dict], ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return ids.masked_fill(mask == 0, IGNORE)
+
+    @torch.no_grad()
+    def evaluate(
+        self, model: nn.Module, rows: list[dict[str, Any]], batch_size: int = 256
+    ) -> dict[str, float]:
+        """Next-character accuracy and perplexity, over every predicted character."""
+        model.eval()
+        hits = total = 0
+        nll = 0.0
+        for batch in self.batches(rows, batch_size):
+            logits = model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+            ).logits
+            gold = batch["labels"][:, 1:]
+            logits = logits[:, :-1]
+            keep = gold != IGNORE
+            nll += float(nn.functional.cross_entropy(logits[keep], gold[keep], reduction="sum"))
+            hits += int((logits.argmax(-1)[keep] == gold[keep]).sum())
+            total += int(keep.sum())
+        loss = nll / max(total, 1)
+        return {
+            "accuracy": hits / max(total, 1),
+            "loss": loss,
+            "perplexity": math.exp(min(loss, 50)),
+        }
+
+
+def build_lm_task(raw, cfg) -> CharLMTask:
+    """Cut every text into `max_length`-character examples that keep their device."""
+    splits = {name: split.to_dict() for name, split in raw.items()}  # columns as plain lists
+    vocab = "".join(sorted(set("".join(splits["train"]["text"] + splits["test"]["text"]))))
+    index = {ch: i + 1 for i, ch in enumerate(vocab)}  # 0 is padding
+
+    def encode(split: dict[str, list]) -> list[dict[str, Any]]:
+        devices = split.get("device") or [None] * len(split["text"])
+        rows = []
+        for text, device in zip(split["text"], devices):
+            ids = [index[ch] for ch in text]
+            for start in range(0, len(ids), cfg.max_length):
+                chunk = ids[start : start + cfg.max_length]
+                if len(chunk) >= 2:
+                    row: dict[str, Any] = {"input_ids": chunk}
+                    if device is not None:
+                        row["device"] = str(device)
+                    rows.append(row)
+        return rows
+
+    return CharLMTask(
+        kind="lm",
+        train=encode(splits["train"]),
+        test=encode(splits["test"]),
+        pad_id=0,
+        primary_metric="accuracy",
+        info={"vocab_size": len(vocab) + 1},
+        vocab=vocab,
+        context=cfg.max_length,
+        layers=cfg.lm_layers,
+        width=cfg.lm_width,
+        heads=cfg.lm_heads,
+    )

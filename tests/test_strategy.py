@@ -1,0 +1,97 @@
+"""The strategy mixin's aggregation on hand-made replies (no network)."""
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+from fedtrust.server.registry import DeviceRegistry
+from fedtrust.server.selection import UniformSelection
+from fedtrust.server.strategy import make_strategy
+from fedtrust.simulations.config import load_config
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+
+@dataclass
+class Reply:
+    content: RecordDict
+    error: object = None
+    metadata: object = field(default=None)
+
+    def has_error(self) -> bool:
+        return self.error is not None
+
+
+def _reply(device, value, n):
+    return Reply(
+        RecordDict(
+            {
+                "arrays": ArrayRecord({"w": Array(np.full(3, value, dtype=np.float32))}),
+                "metrics": MetricRecord({"num-examples": n, "train_loss": 1.0}),
+                "device": ConfigRecord({"device": device, "available": n}),
+            }
+        )
+    )
+
+
+@pytest.fixture(autouse=True)
+def run_identity():
+    """Messages need a run id; the simulation engine sets one, these tests set their own."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
+class FakeGrid:
+    def get_node_ids(self):
+        return [100, 101, 102, 103]
+
+
+def _strategy(weighting, counts):
+    cfg = load_config(
+        None,
+        [
+            "partition.num_devices=4",
+            "selection.devices_per_round=2",
+            f"selection.weighting={weighting}",
+        ],
+    )
+    registry = DeviceRegistry({d: 100 + d for d in range(4)}, metadata=lambda r: counts)
+    strategy = make_strategy(cfg, registry, UniformSelection())
+    glob = ArrayRecord({"w": Array(np.zeros(3, dtype=np.float32))})
+    messages = list(strategy.configure_train(1, glob, ConfigRecord({}), FakeGrid()))
+    chosen = strategy.last_selection["devices"]
+    assert sorted(m.metadata.dst_node_id for m in messages) == [100 + d for d in chosen]
+    return strategy, chosen
+
+
+def test_example_weighted_fedavg():
+    counts = np.array([10, 30, 20, 40])
+    strategy, chosen = _strategy("examples", counts)
+    replies = [_reply(d, float(d + 1), int(counts[d])) for d in chosen]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    expected = sum(counts[d] * (d + 1) for d in chosen) / sum(counts[d] for d in chosen)
+    assert np.allclose(arrays["w"].numpy(), expected)
+
+
+def test_unbiased_weighting_scales_the_step_by_inclusion_probability():
+    counts = np.array([10, 30, 20, 40])
+    strategy, chosen = _strategy("unbiased", counts)
+    replies = [_reply(d, float(d + 1), int(counts[d])) for d in chosen]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    # global is 0, pi = 2/4: update = sum_i n_i / (n * pi) * delta_i
+    expected = sum(counts[d] / (counts.sum() * 0.5) * (d + 1) for d in chosen)
+    assert np.allclose(arrays["w"].numpy(), expected, rtol=1e-6)
+
+
+def test_a_round_where_every_device_fails_is_a_clear_error():
+    strategy, chosen = _strategy("examples", np.array([1, 1, 1, 1]))
+
+    @dataclass
+    class Err:
+        reason: str = "Traceback ...\nValueError: out of memory"
+
+    with pytest.raises(RuntimeError, match="every device failed: ValueError: out of memory"):
+        strategy.aggregate_train(1, [Reply(RecordDict(), error=Err())])
