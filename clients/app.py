@@ -15,7 +15,7 @@ from fedtrust.tasks import load_trainable_state, trainable_state
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from .train import train_local
+from .train import LocalDP, train_local
 
 app = ClientApp()
 
@@ -67,12 +67,39 @@ def train(msg: Message, context: Context) -> Message:
     model = _model(population, cfg.run.seed)
     load_trainable_state(model, msg.content["arrays"].to_torch_state_dict())
     seed = hash((cfg.run.seed, server_round, device)) % 2**31
-    metrics = train_local(model, population.task, rows, cfg.client, seed)
+    dp = _local_dp(cfg, msg, device, len(population.parts[device]))
+    metrics = train_local(model, population.task, rows, cfg.client, seed, dp)
+    info = {"device": device, "available": len(rows)}
+    if dp is not None:
+        info["epsilon"] = float(metrics.pop("epsilon"))
+        info["noise-multiplier"] = float(metrics.pop("noise_multiplier"))
+        info["history"] = json.dumps(metrics.pop("history"))
+        info["budget-exhausted"] = bool(metrics.pop("budget_exhausted", False))
     reply = RecordDict(
         {
             "arrays": ArrayRecord({k: v.clone() for k, v in trainable_state(model).items()}),
             "metrics": MetricRecord({"num-examples": len(rows), **metrics}),
-            "device": ConfigRecord({"device": device, "available": len(rows)}),
+            "device": ConfigRecord(info),
         }
     )
     return Message(reply, reply_to=msg)
+
+
+def _local_dp(cfg, msg: Message, device: int, num_examples: int) -> LocalDP | None:
+    """Sample-level DP settings, with the device's accountant history kept by the server."""
+    p = cfg.privacy
+    if not (p.enabled and p.level == "sample"):
+        return None
+    config = msg.content["config"]
+    devices = json.loads(str(config["privacy-devices"])) if "privacy-devices" in config else {}
+    state = devices.get(str(device), {})
+    return LocalDP(
+        max_grad_norm=p.max_grad_norm,
+        delta=p.target_delta or 1 / (10 * num_examples),
+        target_epsilon=p.target_epsilon,
+        noise_multiplier=p.noise_multiplier,
+        participations_left=int(state.get("left", 1)),
+        clipping=p.clipping,
+        accountant=p.accountant,
+        history=[tuple(h) for h in state.get("history", [])],
+    )

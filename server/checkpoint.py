@@ -20,6 +20,7 @@ def save_checkpoint(
     server_round: int,
     arrays: dict[str, np.ndarray],
     strategy_state: dict[str, dict[str, np.ndarray]],
+    extra: dict | None = None,
 ) -> None:
     final = run_dir / FOLDER
     tmp = run_dir / f".{FOLDER}.tmp"
@@ -33,7 +34,7 @@ def save_checkpoint(
     }
     if flat:
         save_file(flat, tmp / "strategy.safetensors")
-    (tmp / "round.json").write_text(json.dumps({"round": server_round}))
+    (tmp / "round.json").write_text(json.dumps({"round": server_round, **(extra or {})}))
     old = run_dir / f".{FOLDER}.old"
     shutil.rmtree(old, ignore_errors=True)
     if final.exists():
@@ -42,16 +43,17 @@ def save_checkpoint(
     shutil.rmtree(old, ignore_errors=True)
 
 
-def load_checkpoint(run_dir: Path) -> tuple[int, dict[str, np.ndarray], dict[str, dict]] | None:
-    """(last completed round, model arrays, strategy state), or None if there is no checkpoint."""
+def load_checkpoint(run_dir: Path) -> tuple[int, dict, dict, dict] | None:
+    """(last round, model arrays, strategy state, extra), or None if there is no checkpoint."""
     folder = run_dir / FOLDER
     if not (folder / "round.json").is_file():
         return None
-    server_round = int(json.loads((folder / "round.json").read_text())["round"])
+    extra = json.loads((folder / "round.json").read_text())
+    server_round = int(extra.pop("round"))
     arrays = load_file(folder / "model.safetensors")
     state: dict[str, dict[str, np.ndarray]] = {}
     if (folder / "strategy.safetensors").is_file():
         for key, value in load_file(folder / "strategy.safetensors").items():
             name, inner = key.split("/", 1)
             state.setdefault(name, {})[inner] = value
-    return server_round, arrays, state
+    return server_round, arrays, state, extra

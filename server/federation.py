@@ -68,9 +68,10 @@ def run_federation(
         (run_dir / METRICS).write_text("")
         _append(run_dir, {"round": 0, **evaluator(arrays), "seconds": 0.0})
     else:
-        last, saved, state = checkpoint
+        last, saved, state, extra = checkpoint
         arrays = ArrayRecord({k: Array(v) for k, v in saved.items()})
         strategy.load_state(state)
+        registry.privacy = {int(d): p for d, p in extra.get("privacy", {}).items()}
         _keep_rounds(run_dir, last)
         start = last + 1
         log.info("resuming after round %d", last)
@@ -88,18 +89,26 @@ def run_federation(
             **evaluator(arrays),
             "train_loss": float((train_metrics or {}).get("train_loss", float("nan"))),
             **strategy.last_selection,
+            **_privacy_metrics(strategy, registry, server_round),
             "seconds": time.perf_counter() - began,
         }
         _append(run_dir, row)
-        save_checkpoint(
-            run_dir, server_round, {k: v.numpy() for k, v in arrays.items()}, strategy.state()
-        )
+        arrays_np = {k: v.numpy() for k, v in arrays.items()}
+        extra = {"privacy": registry.privacy}
+        save_checkpoint(run_dir, server_round, arrays_np, strategy.state(), extra)
         if on_round:
             on_round(row)
 
     final = evaluator(arrays, full=True)
     task.save(evaluator.model, run_dir / "model")
     return final
+
+
+def _privacy_metrics(strategy, registry, server_round: int) -> dict[str, float]:
+    """ε so far: the server's (user-level DP) or the devices' (sample-level DP, worst device)."""
+    if hasattr(strategy, "epsilon"):
+        return strategy.epsilon(server_round)
+    return registry.epsilon_summary()
 
 
 def _append(run_dir: Path, row: dict[str, Any]) -> None:

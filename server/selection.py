@@ -8,6 +8,7 @@ estimated by Monte Carlo with the same sampler otherwise.
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import numpy as np
@@ -29,12 +30,9 @@ class Selection:
     def weights(self, counts: np.ndarray) -> np.ndarray:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def select(
-        self, counts: np.ndarray, k: int, rng: np.random.Generator
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Return (chosen device indices, inclusion probability of every device)."""
-        counts = np.asarray(counts, dtype=float)
-        w = self.weights(counts)
+    def draw(self, counts: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+        """The chosen device indices, sorted."""
+        w = self.weights(np.asarray(counts, dtype=float))
         eligible = int((w > 0).sum())
         if eligible == 0:
             raise RuntimeError("no device has any available example: nothing can be trained")
@@ -43,25 +41,42 @@ class Selection:
             k = eligible
         with np.errstate(divide="ignore"):
             log_w = np.log(w)
-        chosen = gumbel_top_k(log_w, k, rng)[0]
-        return np.sort(chosen), self.inclusion_probabilities(w, k)
+        return np.sort(gumbel_top_k(log_w, k, rng)[0])
+
+    def select(
+        self, counts: np.ndarray, k: int, rng: np.random.Generator
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Return (chosen device indices, inclusion probability of every device)."""
+        chosen = self.draw(counts, k, rng)
+        return chosen, self.inclusion_probabilities(
+            self.weights(np.asarray(counts, float)), len(chosen)
+        )
 
     @staticmethod
     def inclusion_probabilities(
         weights: np.ndarray, k: int, draws: int = 4000, seed: int = 0
     ) -> np.ndarray:
-        """P(device i is among the k drawn). Exact when weights are equal, else Monte Carlo."""
-        positive = weights > 0
-        if k >= positive.sum():
-            return positive.astype(float)
-        if np.allclose(weights[positive], weights[positive][0]):
-            return positive * (k / positive.sum())
-        with np.errstate(divide="ignore"):
-            log_w = np.log(weights)
-        picks = gumbel_top_k(log_w, k, np.random.default_rng(seed), draws)
-        freq = np.bincount(picks.ravel(), minlength=len(weights)) / draws
-        # A device with weight > 0 can always be drawn; keep its estimate away from zero.
-        return np.where(positive, np.maximum(freq, 1.0 / draws), 0.0)
+        """P(device i is among the k drawn). Exact when weights are equal, else Monte Carlo.
+
+        The Monte-Carlo estimate is cached by weights, so static populations pay for it once.
+        """
+        return _inclusion_cached(np.asarray(weights, dtype=float).tobytes(), k, draws, seed).copy()
+
+
+@functools.lru_cache(maxsize=64)
+def _inclusion_cached(weights_bytes: bytes, k: int, draws: int, seed: int) -> np.ndarray:
+    weights = np.frombuffer(weights_bytes, dtype=float)
+    positive = weights > 0
+    if k >= positive.sum():
+        return positive.astype(float)
+    if np.allclose(weights[positive], weights[positive][0]):
+        return positive * (k / positive.sum())
+    with np.errstate(divide="ignore"):
+        log_w = np.log(weights)
+    picks = gumbel_top_k(log_w, k, np.random.default_rng(seed), draws)
+    freq = np.bincount(picks.ravel(), minlength=len(weights)) / draws
+    # A device with weight > 0 can always be drawn; keep its estimate away from zero.
+    return np.where(positive, np.maximum(freq, 1.0 / draws), 0.0)
 
 
 class UniformSelection(Selection):
@@ -97,6 +112,7 @@ def aggregation_weights(
 
     - examples: n_i (plain weighted FedAvg; over-weights heavy devices when they are also sampled
       more often)
+    - equal: 1 (every chosen device counts the same; what user-level DP needs)
     - inverse-probability: n_i / pi_i, normalised (Hajek estimator: approximately unbiased)
     - unbiased: n_i / (n pi_i), NOT normalised (Horvitz-Thompson: the expected update equals the
       full-participation update sum_i n_i / n * delta_i); the server applies it to model deltas.
@@ -104,6 +120,8 @@ def aggregation_weights(
     n_chosen = counts[chosen].astype(float)
     if scheme == "examples":
         return n_chosen
+    if scheme == "equal":
+        return np.ones_like(n_chosen)
     if scheme == "inverse-probability":
         return n_chosen / inclusion[chosen]
     if scheme == "unbiased":

@@ -7,12 +7,18 @@ optimisers and message handling stay Flower's.
 
 from __future__ import annotations
 
+import json
+import math
 from collections.abc import Iterable
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAdam, FedAvg
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyServerSideFixedClipping,
+    FedAdam,
+    FedAvg,
+)
 
 from .registry import DeviceRegistry
 from .selection import Selection, aggregation_weights
@@ -63,6 +69,9 @@ class DeviceSampling:
             "inclusion": [float(inclusion[d]) for d in chosen],
         }
         nodes = [self.registry.node_of_device[int(d)] for d in chosen]
+        if self.registry.privacy or self.registry.max_participations:
+            config = ConfigRecord(dict(config))
+            config["privacy-devices"] = json.dumps(self.registry.privacy_state(chosen))
         return super().configure_train(server_round, arrays, config, ChosenNodes(grid, nodes))
 
     def aggregate_train(
@@ -113,8 +122,50 @@ class SampledFedAdam(DeviceSampling, FedAdam):
     pass
 
 
+class UserLevelDP(DifferentialPrivacyServerSideFixedClipping):
+    """DP-FedAvg: Flower's server-side fixed clipping + Gaussian noise, with an Opacus accountant.
+
+    Each device's update is clipped to norm C, the clipped updates are averaged with equal
+    weights, and N(0, (sigma C / k)^2) noise is added (Flower's wrapper). Flower's own accountant
+    only covers releases without subsampling; fedtrust accounts the subsampled Gaussian
+    mechanism with Opacus (RDP/PRV) at sampling rate q = devices_per_round / devices.
+    """
+
+    def __init__(
+        self,
+        strategy: DeviceSampling,
+        noise_multiplier: float,
+        clip: float,
+        per_round: int,
+        sample_rate: float,
+        delta: float,
+        accountant: str,
+    ) -> None:
+        super().__init__(strategy, noise_multiplier, clip, per_round)
+        self.sample_rate, self.delta, self.accountant_name = sample_rate, delta, accountant
+
+    @property
+    def last_selection(self) -> dict[str, list]:
+        return self.strategy.last_selection
+
+    def state(self) -> dict[str, dict[str, np.ndarray]]:
+        return self.strategy.state()
+
+    def load_state(self, state: dict[str, dict[str, np.ndarray]]) -> None:
+        self.strategy.load_state(state)
+
+    def epsilon(self, rounds: int) -> dict[str, float]:
+        from fedtrust.privacy import compute_epsilon
+
+        history = [(self.noise_multiplier, self.sample_rate, rounds)]
+        return {
+            "epsilon": compute_epsilon(history, self.delta, self.accountant_name),
+            "noise_multiplier": self.noise_multiplier,
+        }
+
+
 def make_strategy(cfg, registry: DeviceRegistry, selection: Selection) -> DeviceSampling:
-    """Build the strategy named by cfg.server.aggregation (a Config)."""
+    """Build the strategy named by cfg.server.aggregation (a Config), with DP if configured."""
     common = dict(
         fraction_train=1.0,
         fraction_evaluate=0.0,  # evaluation is central, on the server's held-out split
@@ -133,7 +184,36 @@ def make_strategy(cfg, registry: DeviceRegistry, selection: Selection) -> Device
         )
     else:
         strategy = SampledFedAvg(**common)
-    strategy.attach(
-        registry, selection, cfg.selection.devices_per_round, cfg.selection.weighting, cfg.run.seed
-    )
-    return strategy
+    privacy = cfg.privacy
+    user_dp = privacy.enabled and privacy.level == "user"
+    weighting = "equal" if user_dp else cfg.selection.weighting
+    strategy.attach(registry, selection, cfg.selection.devices_per_round, weighting, cfg.run.seed)
+    if privacy.enabled and privacy.level == "sample" and privacy.target_epsilon > 0:
+        registry.max_participations = privacy.participations or planned_participations(
+            cfg, registry.size
+        )
+    if not user_dp:
+        return strategy
+    return _user_level(cfg, strategy, registry.size)
+
+
+def planned_participations(cfg, num_devices: int) -> int:
+    """Sample-level DP: twice the expected participations of a device under uniform sampling."""
+    expected = cfg.server.rounds * cfg.selection.devices_per_round / num_devices
+    return max(1, math.ceil(2 * expected))
+
+
+def _user_level(cfg, strategy: DeviceSampling, num_devices: int) -> UserLevelDP:
+    from fedtrust.privacy import calibrate_noise
+
+    p, k = cfg.privacy, cfg.selection.devices_per_round
+    q = k / num_devices
+    if cfg.selection.strategy == "activity":
+        # The guarantee is stated for the device sampled most often: its inclusion probability.
+        weights = strategy.selection.weights(np.asarray(strategy.registry.counts(1), dtype=float))
+        q = float(strategy.selection.inclusion_probabilities(weights, k).max())
+    delta = p.target_delta or 1 / (10 * num_devices)
+    sigma = p.noise_multiplier
+    if p.target_epsilon > 0:
+        sigma = calibrate_noise(p.target_epsilon, delta, q, cfg.server.rounds, p.accountant)
+    return UserLevelDP(strategy, sigma, p.max_grad_norm, k, q, delta, p.accountant)

@@ -62,6 +62,32 @@ def simulate(
 
 
 @app.command()
+def train(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    epochs: Annotated[int, typer.Option(help="passes over the whole training set")] = 2,
+) -> None:
+    """Centralized training of the same task (no federation): the baseline for every comparison."""
+    from .centralized import train_centralized
+    from .progress import RoundPrinter
+
+    try:
+        cfg = load_config(config, set_ or [])
+        cfg.server.rounds = epochs
+        printer = RoundPrinter(console, cfg, unit="epoch")
+        with printer:
+            run_dir, summary = train_centralized(cfg, epochs, on_epoch=printer)
+    except (ConfigError, ValueError, FileNotFoundError, RuntimeError) as err:
+        _fail(str(err))
+        return
+    metric = summary["primary_metric"]
+    console.print(
+        f"[bold green]done[/]: {metric} = {summary['final'][metric]:.4f}; "
+        f"report in [bold]{run_dir}[/]"
+    )
+
+
+@app.command()
 def compare(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """Uniform vs activity-based selection, on static and continual data (4 runs, one report)."""
     from .compare import run_compare

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
+BUNDLED = Path(__file__).parent / "configs"
+
 
 class ConfigError(ValueError):
     """A configuration value is unknown, ill-typed or out of range."""
@@ -28,7 +30,7 @@ class TaskConfig:
     test_fraction: float = 0.1  # held out for the server when the data has no test split
     max_length: int = 32  # tokens per example (intent) or characters per example (lm)
     freeze_embeddings: bool = True
-    freeze_layers: int = 0  # lowest encoder layers kept frozen
+    freeze_layers: int = 2  # lowest encoder layers kept frozen
     lm_layers: int = 2
     lm_width: int = 128
     lm_heads: int = 4
@@ -59,7 +61,7 @@ class SelectionConfig:
     strategy: Literal["uniform", "activity"] = "uniform"
     beta: float = 1.0  # activity: P(select) grows like (available examples) ** beta
     devices_per_round: int = 10
-    weighting: Literal["examples", "inverse-probability", "unbiased"] = "examples"
+    weighting: Literal["examples", "equal", "inverse-probability", "unbiased"] = "examples"
 
 
 @dataclass
@@ -68,8 +70,8 @@ class ClientConfig:
     steps: int = 0  # > 0: a fixed number of local steps instead of epochs
     batch_size: int = 32
     optimizer: Literal["adamw", "sgd"] = "adamw"
-    lr: float = 2e-4
-    head_lr_scale: float = 10.0  # the new classifier head learns this many times faster
+    lr: float = 5e-4
+    head_lr_scale: float = 20.0  # the new classifier head learns this many times faster
     weight_decay: float = 0.0
     num_cpus: int = 2
     num_gpus: float = 0.0
@@ -88,6 +90,25 @@ class ServerConfig:
 
 
 @dataclass
+class PrivacyConfig:
+    """Differential privacy: on when target_epsilon > 0 (noise calibrated) or noise_multiplier > 0.
+    """
+
+    level: Literal["sample", "user"] = "sample"  # DP-SGD on each device, or DP-FedAvg on the server
+    target_epsilon: float = 0.0
+    target_delta: float = 0.0  # 0 = 1 / (10 N), N = examples (sample level) or devices (user level)
+    noise_multiplier: float = 0.0  # used as given when target_epsilon = 0
+    max_grad_norm: float = 1.0  # C: per-example gradient (sample) or per-device update (user)
+    clipping: Literal["flat", "automatic"] = "flat"
+    accountant: Literal["rdp", "prv"] = "rdp"
+    participations: int = 0  # sample level: participations a device budgets for (0 = auto)
+
+    @property
+    def enabled(self) -> bool:
+        return self.target_epsilon > 0 or self.noise_multiplier > 0
+
+
+@dataclass
 class RunConfig:
     seed: int = 0
     output_dir: str = "runs"
@@ -103,6 +124,7 @@ class Config:
     selection: SelectionConfig = field(default_factory=SelectionConfig)
     client: ClientConfig = field(default_factory=ClientConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -186,6 +208,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     cfg = Config()
     if path is not None:
         path = Path(path)
+        if not path.exists() and (BUNDLED / f"{path}.toml").is_file():
+            path = BUNDLED / f"{path}.toml"  # a bundled config by name, e.g. `shakespeare`
         if not path.is_file():
             raise ConfigError(f"{path}: config file not found")
         try:
@@ -250,3 +274,9 @@ def validate(cfg: Config) -> None:
     require(0 < t.test_fraction < 1, "task.test_fraction", "must be in (0, 1), got {value}")
     require(t.max_length >= 2, "task.max_length", "must be >= 2, got {value}")
     require(t.freeze_layers >= 0, "task.freeze_layers", "must be >= 0, got {value}")
+    q = cfg.privacy
+    require(q.target_epsilon >= 0, "privacy.target_epsilon", "must be > 0 (0 = off), got {value}")
+    require(0 <= q.target_delta < 1, "privacy.target_delta", "must be in [0, 1), got {value}")
+    require(q.noise_multiplier >= 0, "privacy.noise_multiplier", "must be >= 0, got {value}")
+    require(q.max_grad_norm > 0, "privacy.max_grad_norm", "must be > 0, got {value}")
+    require(q.participations >= 0, "privacy.participations", "must be >= 0, got {value}")

@@ -9,10 +9,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 
 class RoundPrinter:
-    def __init__(self, console: Console, cfg) -> None:
-        self.console, self.cfg = console, cfg
+    def __init__(self, console: Console, cfg, unit: str = "round") -> None:
+        self.console, self.cfg, self.unit = console, cfg, unit
         self.progress = Progress(
-            TextColumn("[bold]rounds"),
+            TextColumn(f"[bold]{unit}s"),
             BarColumn(),
             MofNCompleteColumn(),
             TimeElapsedColumn(),
@@ -29,11 +29,12 @@ class RoundPrinter:
         self.progress.stop()
 
     def __call__(self, row: dict[str, Any]) -> None:
-        shown = ["in_scope_accuracy", "accuracy", "perplexity", "loss", "train_loss"]
+        shown = ["in_scope_accuracy", "accuracy", "perplexity", "loss", "train_loss", "epsilon"]
         parts = [f"{k} {row[k]:.4f}" for k in shown if k in row]
         self.console.print(
-            f"round {row['round']:>3}/{self.cfg.server.rounds}  "
+            f"{self.unit} {row['round']:>3}/{self.cfg.server.rounds}  "
             + "  ".join(parts)
-            + f"  ({row['seconds']:.1f} s, {len(row.get('devices', []))} devices)"
+            + f"  ({row['seconds']:.1f} s"
+            + (f", {len(row['devices'])} devices)" if "devices" in row else ")")
         )
         self.progress.update(self.bar, completed=row["round"])

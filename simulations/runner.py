@@ -15,6 +15,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from fedtrust.tasks.models import quiet_transformers
+
 from .config import Config, ConfigError, load_config
 from .population import Population, cached_population
 from .report import plot_curves, write_summary
@@ -115,6 +117,7 @@ def simulate(
             "num_cpus": max(os.cpu_count() or 1, cfg.client.num_cpus),
             "include_dashboard": False,
             "logging_level": logging.ERROR,
+            "log_to_driver": False,  # device errors come back in their reply messages
         },
     }
     _quiet_flower()
@@ -131,6 +134,7 @@ def simulate(
 
 
 def _quiet_flower() -> None:
-    """Flower logs every message at INFO; fedtrust prints its own progress line per round."""
-    logging.getLogger("flwr").setLevel(logging.WARNING)
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    """Flower logs every message; fedtrust prints its own progress line per round instead."""
+    logging.getLogger("flwr").setLevel(logging.ERROR)
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    quiet_transformers()

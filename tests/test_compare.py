@@ -1,0 +1,38 @@
+"""`fedtrust compare`: four tiny Shakespeare simulations and one report."""
+
+import json
+
+from fedtrust.simulations.compare import run_compare
+from fedtrust.simulations.config import load_config
+
+
+def test_compare_runs_all_four_settings_and_activity_picks_heavier_devices(tmp_path):
+    cfg = load_config(
+        "shakespeare",
+        [
+            "task.lm_layers=1",
+            "task.lm_width=16",
+            "task.lm_heads=2",
+            "task.max_length=32",
+            "server.rounds=2",
+            "client.steps=1",
+            "client.num_cpus=1",
+            "server.eval_examples=64",
+            "selection.devices_per_round=5",
+            f'run.output_dir="{tmp_path}"',
+            'run.name="cmp"',
+        ],
+    )
+    out_dir, rows = run_compare(cfg)
+    assert {(r["data"], r["selection"]) for r in rows} == {
+        (d, s) for d in ("static", "continual") for s in ("uniform", "activity")
+    }
+    assert json.loads((out_dir / "comparison.json").read_text()) == rows
+    assert (out_dir / "comparison.png").stat().st_size > 10_000
+    assert "| static | activity |" in (out_dir / "comparison.md").read_text()
+    by = {(r["data"], r["selection"]): r for r in rows}
+    for mode in ("static", "continual"):
+        assert (
+            by[(mode, "activity")]["mean_examples_per_round"]
+            > 2 * by[(mode, "uniform")]["mean_examples_per_round"]
+        )
