@@ -101,6 +101,9 @@ def run_federation(
 
     final = evaluator(arrays, full=True)
     task.save(evaluator.model, run_dir / "model")
+    if registry.privacy:  # per-device sample-level DP: each device's own ε
+        per_device = {str(d): registry.privacy[d] for d in sorted(registry.privacy)}
+        (run_dir / "device_privacy.json").write_text(json.dumps(per_device, indent=1))
     return final
 
 

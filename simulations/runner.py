@@ -84,6 +84,7 @@ def finish_run(
         "final": final,
         "final_subset": {k: v for k, v in rows[-1].items() if isinstance(v, float)},
         "best_round": max(rows, key=lambda r: r.get(metric, 0.0))["round"] if rows else None,
+        "privacy": _privacy_summary(cfg, rows),
         "seconds": seconds,
     }
     write_summary(run_dir, summary)
@@ -94,6 +95,13 @@ def finish_run(
         title=f"{cfg.task.dataset}: {metric} (central test subset)",
     )
     return summary
+
+
+def _privacy_summary(cfg: Config, rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    if not cfg.privacy.enabled or not rows:
+        return None
+    keys = ("epsilon", "epsilon_mean", "noise_multiplier", "devices_out_of_budget")
+    return {"level": cfg.privacy.level, **{k: rows[-1][k] for k in keys if k in rows[-1]}}
 
 
 def simulate(

@@ -33,10 +33,10 @@ class IntentTask(Task):
             label2id={name: i for i, name in enumerate(self.labels)},
         )
         layers = getattr(model.config, "num_hidden_layers", None)
-        if layers is not None and self.freeze_layers >= layers:
+        if layers is not None and self.freeze_layers > layers:
             raise ValueError(
-                f"task.freeze_layers = {self.freeze_layers} would freeze every encoder layer of "
-                f"this {layers}-layer model; use at most {layers - 1}"
+                f"task.freeze_layers = {self.freeze_layers}, but the model has only {layers} "
+                f"encoder layers (freezing all {layers} trains the pooler and classifier only)"
             )
         base = model.base_model_prefix
         prefixes = [f"{base}.embeddings."] if self.freeze_embeddings else []
