@@ -41,8 +41,12 @@ def _batches(n: int, batch: int, seq: int, vocab: int, seed: int = 0) -> list[di
     rows = []
     for _ in range(n):
         length = int(torch.randint(seq // 2, seq + 1, (1,), generator=g))
-        rows.append({"input_ids": torch.randint(1000, vocab, (length,), generator=g).tolist(),
-                     "label": int(torch.randint(0, NUM_LABELS, (1,), generator=g))})
+        rows.append(
+            {
+                "input_ids": torch.randint(1000, vocab, (length,), generator=g).tolist(),
+                "label": int(torch.randint(0, NUM_LABELS, (1,), generator=g)),
+            }
+        )
     return rows
 
 
@@ -55,8 +59,11 @@ def _collate(seq: int, position_ids: bool):
         for i, r in enumerate(rows):
             ids[i, : len(r["input_ids"])] = torch.tensor(r["input_ids"])
             mask[i, : len(r["input_ids"])] = 1
-        out = {"input_ids": ids, "attention_mask": mask,
-               "labels": torch.tensor([r["label"] for r in rows])}
+        out = {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "labels": torch.tensor([r["label"] for r in rows]),
+        }
         if position_ids:  # Opacus needs per-sample position ids with transformers 5.x
             out["position_ids"] = torch.arange(seq).expand(len(rows), seq).clone()
         return out
@@ -78,16 +85,24 @@ def worker(mode: str, batch: int, seq: int, steps: int, warmup: int, device: str
     ).to(device)
     model.train()
     rows = _batches(batch * (steps + warmup), batch, seq, model.config.vocab_size)
-    loader = DataLoader(rows, batch_size=batch, shuffle=False,
-                        collate_fn=_collate(seq, position_ids=mode.startswith("opacus")))
+    loader = DataLoader(
+        rows,
+        batch_size=batch,
+        shuffle=False,
+        collate_fn=_collate(seq, position_ids=mode.startswith("opacus")),
+    )
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     criterion = None
     if mode == "fedtrust":
         from fedtrust.privacy import PrivacyEngine
 
         model, optimizer, loader = PrivacyEngine().make_private(
-            module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=1.0,
-            max_grad_norm=1.0, poisson_sampling=False,
+            module=model,
+            optimizer=optimizer,
+            data_loader=loader,
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            poisson_sampling=False,
         )
     elif mode.startswith("opacus"):
         import warnings
@@ -99,14 +114,24 @@ def worker(mode: str, batch: int, seq: int, steps: int, warmup: int, device: str
         if mode == "opacus-ghost":
             criterion = torch.nn.CrossEntropyLoss()
             model, optimizer, criterion, loader = engine.make_private(
-                module=model, optimizer=optimizer, data_loader=loader, criterion=criterion,
-                noise_multiplier=1.0, max_grad_norm=1.0, poisson_sampling=False,
+                module=model,
+                optimizer=optimizer,
+                data_loader=loader,
+                criterion=criterion,
+                noise_multiplier=1.0,
+                max_grad_norm=1.0,
+                poisson_sampling=False,
                 grad_sample_mode="ghost",
             )
         else:
             model, optimizer, loader = engine.make_private(
-                module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=1.0,
-                max_grad_norm=1.0, poisson_sampling=False, grad_sample_mode="hooks",
+                module=model,
+                optimizer=optimizer,
+                data_loader=loader,
+                noise_multiplier=1.0,
+                max_grad_norm=1.0,
+                poisson_sampling=False,
+                grad_sample_mode="hooks",
             )
     elif mode != "non-private":
         raise ValueError(mode)
@@ -138,15 +163,37 @@ def worker(mode: str, batch: int, seq: int, steps: int, warmup: int, device: str
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base_rss
         peak_note = "peak RSS - RSS before training"
-    return {"mode": mode, "batch": batch, "median_s": statistics.median(times),
-            "min_s": min(times), "steps": len(times), "peak_mib": peak, "peak_note": peak_note,
-            "loss": float(loss.item())}
+    return {
+        "mode": mode,
+        "batch": batch,
+        "median_s": statistics.median(times),
+        "min_s": min(times),
+        "steps": len(times),
+        "peak_mib": peak,
+        "peak_note": peak_note,
+        "loss": float(loss.item()),
+    }
 
 
 def run_mode(mode: str, batch: int, args: argparse.Namespace) -> dict:
-    cmd = [sys.executable, __file__, "--worker", mode, "--batch", str(batch),
-           "--seq-len", str(args.seq_len), "--steps", str(args.steps),
-           "--warmup", str(args.warmup), "--device", args.device, "--threads", str(args.threads)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        mode,
+        "--batch",
+        str(batch),
+        "--seq-len",
+        str(args.seq_len),
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+        "--device",
+        args.device,
+        "--threads",
+        str(args.threads),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith("{"):
@@ -175,8 +222,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if args.worker:
         try:
-            res = worker(args.worker, args.batch, args.seq_len, args.steps, args.warmup,
-                         args.device)
+            res = worker(
+                args.worker, args.batch, args.seq_len, args.steps, args.warmup, args.device
+            )
         except Exception as exc:  # noqa: BLE001 - reported in the table
             traceback.print_exc()
             print(f"{type(exc).__name__}: {exc}".replace("\n", " ")[:300], file=sys.stderr)
@@ -189,9 +237,12 @@ def main() -> None:
         args.batch_sizes, args.steps = "32", 4
     batches = [int(b) for b in args.batch_sizes.split(",")]
     modes = args.modes.split(",")
-    print(f"MiniLM-L6 (384 hidden) sequence classification, {NUM_LABELS} labels, seq len "
-          f"{args.seq_len}, AdamW, device {args.device}, {args.threads} threads, "
-          f"{args.steps} timed steps after {args.warmup} warm-up", flush=True)
+    print(
+        f"MiniLM-L6 (384 hidden) sequence classification, {NUM_LABELS} labels, seq len "
+        f"{args.seq_len}, AdamW, device {args.device}, {args.threads} threads, "
+        f"{args.steps} timed steps after {args.warmup} warm-up",
+        flush=True,
+    )
     results: dict[tuple[str, int], dict] = {}
     for b in batches:
         for mode in modes:
@@ -206,15 +257,20 @@ def main() -> None:
             if "error" in r:
                 print(f"{b:5d}  {mode:13s} FAILED: {r['error'][:150]}")
             else:
-                print(f"{b:5d}  {mode:13s} {r['median_s']:13.3f} {r['min_s']:7.3f} "
-                      f"{r['peak_mib']:9.0f}")
+                print(
+                    f"{b:5d}  {mode:13s} {r['median_s']:13.3f} {r['min_s']:7.3f} "
+                    f"{r['peak_mib']:9.0f}"
+                )
+
         def t(m: str, b: int = b) -> float | None:
             r = results.get((m, b), {})
             return r.get("median_s")
 
-        ratios = [("fedtrust/non-DP", "fedtrust", "non-private"),
-                  ("Opacus-hooks/fedtrust", "opacus-hooks", "fedtrust"),
-                  ("Opacus-ghost/fedtrust", "opacus-ghost", "fedtrust")]
+        ratios = [
+            ("fedtrust/non-DP", "fedtrust", "non-private"),
+            ("Opacus-hooks/fedtrust", "opacus-hooks", "fedtrust"),
+            ("Opacus-ghost/fedtrust", "opacus-ghost", "fedtrust"),
+        ]
         parts = [f"{name} = {t(a) / t(c):.2f}" for name, a, c in ratios if t(a) and t(c)]
         print(f"       ratios: {', '.join(parts)}")
     note = next((r["peak_note"] for r in results.values() if "peak_note" in r), "")

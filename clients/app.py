@@ -11,9 +11,10 @@ import json
 import os
 
 import torch
-from fedtrust.tasks import load_trainable_state, trainable_state
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+
+from fedtrust.tasks import load_trainable_state, trainable_state
 
 from .train import LocalDP, train_local
 

@@ -7,9 +7,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from fedtrust.tasks import Task
 from torch import nn
 from torch.utils.data import DataLoader
+
+from fedtrust.tasks import Task
 
 
 def make_optimizer(

@@ -18,8 +18,9 @@ ACCOUNTANTS = ("rdp", "prv", "gdp")
 History = list[tuple[float, float, int]]
 
 
-def make_accountant(mechanism: str,
-                    history: Iterable[tuple[float, float, int]] = ()) -> IAccountant:
+def make_accountant(
+    mechanism: str, history: Iterable[tuple[float, float, int]] = ()
+) -> IAccountant:
     """An Opacus accountant of `mechanism` ("rdp", "prv" or "gdp") holding `history`."""
     if mechanism not in ACCOUNTANTS:
         raise InvalidPrivacyParameterError(
@@ -30,8 +31,9 @@ def make_accountant(mechanism: str,
     return acc
 
 
-def compute_epsilon(history: Iterable[tuple[float, float, int]], delta: float,
-                    accountant: str = "rdp") -> float:
+def compute_epsilon(
+    history: Iterable[tuple[float, float, int]], delta: float, accountant: str = "rdp"
+) -> float:
     """ε spent by a history of ``(noise_multiplier, sample_rate, steps)`` at `delta`."""
     hist = list(history)
     if not hist or all(n == 0 for _, _, n in hist):
@@ -41,8 +43,9 @@ def compute_epsilon(history: Iterable[tuple[float, float, int]], delta: float,
     return float(make_accountant(accountant, hist).get_epsilon(delta=delta))
 
 
-def device_epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: float,
-                   accountant: str = "rdp") -> float:
+def device_epsilon(
+    noise_multiplier: float, sample_rate: float, steps: int, delta: float, accountant: str = "rdp"
+) -> float:
     """ε of one device after `steps` local DP-SGD steps (all rounds together) at `delta`."""
     return compute_epsilon([(noise_multiplier, sample_rate, steps)], delta, accountant)
 
@@ -62,9 +65,15 @@ def check_epsilon_delta(epsilon: float | None, delta: float | None, dataset_size
         )
 
 
-def calibrate_noise(target_epsilon: float, target_delta: float, sample_rate: float, steps: int,
-                    accountant: str = "rdp", history: History | None = None,
-                    tolerance: float = 0.01) -> float:
+def calibrate_noise(
+    target_epsilon: float,
+    target_delta: float,
+    sample_rate: float,
+    steps: int,
+    accountant: str = "rdp",
+    history: History | None = None,
+    tolerance: float = 0.01,
+) -> float:
     """Smallest noise multiplier so that `history` plus `steps` steps spend ≤ `target_epsilon`."""
     if steps < 1:
         raise InvalidPrivacyParameterError(f"planned steps must be >= 1, got {steps}")
@@ -74,20 +83,27 @@ def calibrate_noise(target_epsilon: float, target_delta: float, sample_rate: flo
         )
     if not history:
         try:
-            return float(get_noise_multiplier(
-                target_epsilon=target_epsilon, target_delta=target_delta,
-                sample_rate=sample_rate, steps=steps, accountant=accountant,
-                epsilon_tolerance=tolerance,
-            ))
+            return float(
+                get_noise_multiplier(
+                    target_epsilon=target_epsilon,
+                    target_delta=target_delta,
+                    sample_rate=sample_rate,
+                    steps=steps,
+                    accountant=accountant,
+                    epsilon_tolerance=tolerance,
+                )
+            )
         except ValueError as exc:
             raise BudgetTooSmallError(
                 f"epsilon={target_epsilon}, delta={target_delta} is too small for {steps} steps "
                 f"at sample rate {sample_rate:.3g} (noise multiplier would exceed {MAX_SIGMA:g})"
             ) from exc
+
     # same bisection as opacus.accountants.utils.get_noise_multiplier, on top of a history
     def eps(sigma: float) -> float:
-        return compute_epsilon(list(history) + [(sigma, sample_rate, steps)], target_delta,
-                               accountant)
+        return compute_epsilon(
+            list(history) + [(sigma, sample_rate, steps)], target_delta, accountant
+        )
 
     low, high = 0.0, 10.0
     while eps(high) > target_epsilon:
@@ -106,10 +122,18 @@ def calibrate_noise(target_epsilon: float, target_delta: float, sample_rate: flo
     return high
 
 
-def max_steps(history: History, noise_multiplier: float, sample_rate: float, delta: float,
-              target_epsilon: float, accountant: str = "rdp", known_safe: int = 0,
-              cap: int = 10_000_000) -> int:
+def max_steps(
+    history: History,
+    noise_multiplier: float,
+    sample_rate: float,
+    delta: float,
+    target_epsilon: float,
+    accountant: str = "rdp",
+    known_safe: int = 0,
+    cap: int = 10_000_000,
+) -> int:
     """Largest n ≥ `known_safe` such that `history` plus n more steps spend ≤ `target_epsilon`."""
+
     def ok(n: int) -> bool:
         hist = list(history) + ([(noise_multiplier, sample_rate, n)] if n else [])
         return compute_epsilon(hist, delta, accountant) <= target_epsilon

@@ -49,27 +49,39 @@ def clip_update(update: Update, max_norm: float) -> tuple[Update, float]:
     return _rebuild(update, [t * factor for _, t in _items(update)]), norm
 
 
-def add_gaussian_noise(update: Update, std: float,
-                       generator: torch.Generator | None = None) -> Update:
+def add_gaussian_noise(
+    update: Update, std: float, generator: torch.Generator | None = None
+) -> Update:
     """`update` plus independent N(0, std²) noise on every coordinate."""
     if not std >= 0:
         raise InvalidPrivacyParameterError(f"noise std must be >= 0, got {std}")
-    return _rebuild(update, [
-        t + torch.empty_like(t).normal_(0.0, std, generator=generator) if std > 0 else t.clone()
-        for _, t in _items(update)
-    ])
+    return _rebuild(
+        update,
+        [
+            t + torch.empty_like(t).normal_(0.0, std, generator=generator) if std > 0 else t.clone()
+            for _, t in _items(update)
+        ],
+    )
 
 
-def clip_and_noise(update: Update, max_norm: float, noise_multiplier: float,
-                   generator: torch.Generator | None = None) -> Update:
+def clip_and_noise(
+    update: Update,
+    max_norm: float,
+    noise_multiplier: float,
+    generator: torch.Generator | None = None,
+) -> Update:
     """Clip one update to `max_norm` C, then add N(0, (σC)²) noise (local / per-client DP)."""
     clipped, _ = clip_update(update, max_norm)
     return add_gaussian_noise(clipped, noise_multiplier * max_norm, generator)
 
 
-def noisy_mean(clipped: Sequence[Update], noise_multiplier: float, max_norm: float,
-               denominator: float | None = None,
-               generator: torch.Generator | None = None) -> Update:
+def noisy_mean(
+    clipped: Sequence[Update],
+    noise_multiplier: float,
+    max_norm: float,
+    denominator: float | None = None,
+    generator: torch.Generator | None = None,
+) -> Update:
     """(Σ clipped updates + N(0, (σC)²)) / denominator (default: number of updates).
 
     Every update must already be clipped to `max_norm`; use a fixed expected number of clients

@@ -95,8 +95,13 @@ def split_batch(batch: Any, size: int) -> list[Any]:
 class DPDataLoader:
     """Iterates micro-batches of the logical (Poisson) batches and drives the optimizer's skips."""
 
-    def __init__(self, loader: DataLoader, optimizer: DPOptimizer,
-                 max_physical_batch_size: int | None, sample_rate: float) -> None:
+    def __init__(
+        self,
+        loader: DataLoader,
+        optimizer: DPOptimizer,
+        max_physical_batch_size: int | None,
+        sample_rate: float,
+    ) -> None:
         if max_physical_batch_size is not None and max_physical_batch_size < 1:
             raise ValueError(f"max_physical_batch_size must be >= 1, got {max_physical_batch_size}")
         self.loader = loader

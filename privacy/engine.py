@@ -44,8 +44,9 @@ class PrivacyEngine:
     federated round's `state_dict`) is carried into ε and into noise calibration.
     """
 
-    def __init__(self, accountant: str = "rdp",
-                 history: list[tuple[float, float, int]] | None = None) -> None:
+    def __init__(
+        self, accountant: str = "rdp", history: list[tuple[float, float, int]] | None = None
+    ) -> None:
         self.accountant = accounting.make_accountant(accountant, history or [])
         self.mechanism = accountant
         self.noise_multiplier: float | None = None
@@ -120,8 +121,10 @@ class PrivacyEngine:
             batch = data_loader.batch_size or n / len(data_loader)
             sample_rate, expected = batch / n, float(batch)
         prior = list(self.accountant.history)
-        planned = steps if steps is not None else (
-            max(1, round(epochs / sample_rate)) if epochs is not None else None
+        planned = (
+            steps
+            if steps is not None
+            else (max(1, round(epochs / sample_rate)) if epochs is not None else None)
         )
         if noise_multiplier is None:
             if planned is None:
@@ -157,25 +160,45 @@ class PrivacyEngine:
         self.target_epsilon, self.target_delta = target_epsilon, target_delta
         self.steps, self._prior, self._safe_steps, self._searched = 0, prior, safe, False
         dp_optimizer = DPOptimizer(
-            optimizer, hooks=hooks, noise_multiplier=noise_multiplier,
-            max_grad_norm=max_grad_norm, expected_batch_size=expected, clipping=clipping,
-            loss_reduction=loss_reduction, generator=noise_generator,
-            before_step=self._check_budget, after_step=self._account_step,
+            optimizer,
+            hooks=hooks,
+            noise_multiplier=noise_multiplier,
+            max_grad_norm=max_grad_norm,
+            expected_batch_size=expected,
+            clipping=clipping,
+            loss_reduction=loss_reduction,
+            generator=noise_generator,
+            before_step=self._check_budget,
+            after_step=self._account_step,
         )
         self.optimizer = dp_optimizer
         dp_loader = DPDataLoader(loader, dp_optimizer, max_physical_batch_size, sample_rate)
         return module, dp_optimizer, dp_loader
 
     def make_private_with_epsilon(
-        self, *, module: nn.Module, optimizer: Optimizer, data_loader: DataLoader,
-        target_epsilon: float, target_delta: float, epochs: float | None = None,
-        steps: int | None = None, max_grad_norm: float = 1.0, **kwargs: Any,
+        self,
+        *,
+        module: nn.Module,
+        optimizer: Optimizer,
+        data_loader: DataLoader,
+        target_epsilon: float,
+        target_delta: float,
+        epochs: float | None = None,
+        steps: int | None = None,
+        max_grad_norm: float = 1.0,
+        **kwargs: Any,
     ) -> tuple[nn.Module, DPOptimizer, DPDataLoader]:
         """Opacus-style alias: calibrate the noise to (ε, δ) over `epochs` (or `steps`)."""
         return self.make_private(
-            module=module, optimizer=optimizer, data_loader=data_loader,
-            target_epsilon=target_epsilon, target_delta=target_delta, epochs=epochs,
-            steps=steps, max_grad_norm=max_grad_norm, **kwargs,
+            module=module,
+            optimizer=optimizer,
+            data_loader=data_loader,
+            target_epsilon=target_epsilon,
+            target_delta=target_delta,
+            epochs=epochs,
+            steps=steps,
+            max_grad_norm=max_grad_norm,
+            **kwargs,
         )
 
     def detach(self) -> None:
@@ -195,8 +218,13 @@ class PrivacyEngine:
             assert self.target_epsilon is not None and self.target_delta is not None
             assert self.noise_multiplier is not None and self.sample_rate is not None
             self._safe_steps = accounting.max_steps(
-                self._prior, self.noise_multiplier, self.sample_rate, self.target_delta,
-                self.target_epsilon, self.mechanism, known_safe=self._safe_steps,
+                self._prior,
+                self.noise_multiplier,
+                self.sample_rate,
+                self.target_delta,
+                self.target_epsilon,
+                self.mechanism,
+                known_safe=self._safe_steps,
             )
             self._searched = True
         return self._safe_steps
@@ -230,8 +258,14 @@ class PrivacyEngine:
         """ε, δ, steps and mechanism parameters: what a federated device reports."""
         d = self.target_delta if delta is None else delta
         eps = self.get_epsilon(d)
-        return PrivacySpent(eps, float(d), sum(s for _, _, s in self.accountant.history),
-                            self.noise_multiplier or 0.0, self.sample_rate or 0.0, self.mechanism)
+        return PrivacySpent(
+            eps,
+            float(d),
+            sum(s for _, _, s in self.accountant.history),
+            self.noise_multiplier or 0.0,
+            self.sample_rate or 0.0,
+            self.mechanism,
+        )
 
     def state_dict(self) -> dict[str, Any]:
         """The accountant's state (history and mechanism), to persist between rounds."""

@@ -96,13 +96,16 @@ def check_module(path: str, module: nn.Module) -> None:
     cls = type(module).__name__
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
         raise UnsupportedModuleError(
-            path, cls, "BatchNorm mixes the samples of a batch (even when frozen); replace it "
-            "with GroupNorm or LayerNorm (opacus.validators.ModuleValidator.fix does this)"
+            path,
+            cls,
+            "BatchNorm mixes the samples of a batch (even when frozen); replace it "
+            "with GroupNorm or LayerNorm (opacus.validators.ModuleValidator.fix does this)",
         )
     if isinstance(module, nn.RNNBase):
         raise UnsupportedModuleError(
-            path, cls, "recurrent modules are not supported; use opacus.layers.DPLSTM/DPGRU "
-            "or freeze it"
+            path,
+            cls,
+            "recurrent modules are not supported; use opacus.layers.DPLSTM/DPGRU or freeze it",
         )
     if isinstance(module, nn.Embedding) and module.scale_grad_by_freq:
         raise UnsupportedModuleError(
@@ -114,9 +117,11 @@ def check_module(path: str, module: nn.Module) -> None:
         ]
         if trainable_children:
             raise UnsupportedModuleError(
-                path, cls, "owns trainable parameters and has trainable submodules "
+                path,
+                cls,
+                "owns trainable parameters and has trainable submodules "
                 f"(e.g. {trainable_children[0]}); move its own parameters into a leaf module "
-                "or freeze them"
+                "or freeze them",
             )
 
 
@@ -213,12 +218,15 @@ class PerSampleHooks:
                 return None
             if not isinstance(output, Tensor):
                 raise UnsupportedModuleError(
-                    path, type(module).__name__, "returns a non-tensor; per-sample gradients "
-                    "need a module returning one tensor; freeze it"
+                    path,
+                    type(module).__name__,
+                    "returns a non-tensor; per-sample gradients "
+                    "need a module returning one tensor; freeze it",
                 )
             saved = tuple(a.detach() if isinstance(a, Tensor) else a for a in args)
-            call = _Call(module, path, self._group if self._depth else 0, self._batch,
-                         saved, kwargs, params)
+            call = _Call(
+                module, path, self._group if self._depth else 0, self._batch, saved, kwargs, params
+            )
             out = output
             if not out.requires_grad:  # first trainable layer: make its output a graph input
                 out = output.detach().requires_grad_().clone()
@@ -277,13 +285,17 @@ def usages_of(call: _Call) -> list[Usage]:
 
     if call.batch is not None and b != call.batch:
         raise UnsupportedModuleError(
-            call.path, type(m).__name__, f"output has leading dimension {b} but the batch has "
-            f"{call.batch} samples; per-sample gradients need batch-first module outputs"
+            call.path,
+            type(m).__name__,
+            f"output has leading dimension {b} but the batch has "
+            f"{call.batch} samples; per-sample gradients need batch-first module outputs",
         )
     if isinstance(x, Tensor) and x.shape[0] != b:
         raise UnsupportedModuleError(
-            call.path, type(m).__name__, f"input batch dimension {x.shape[0]} differs from its "
-            f"output gradient's {b}; inputs must be batch-first"
+            call.path,
+            type(m).__name__,
+            f"input batch dimension {x.shape[0]} differs from its "
+            f"output gradient's {b}; inputs must be batch-first",
         )
     if isinstance(m, nn.Linear) or (Conv1D is not None and isinstance(m, Conv1D)):
         assert isinstance(x, Tensor)
@@ -339,7 +351,9 @@ def functorch_grads(call: _Call) -> dict[str, Tensor]:
         grads = vmap(grad(f), in_dims=in_dims)(trainable, tuple(call.args), g)
     except Exception as exc:  # noqa: BLE001 - reported with the module path
         raise UnsupportedModuleError(
-            call.path, type(m).__name__, f"per-sample gradient via torch.func failed ({exc}); "
-            "freeze it or replace it with a supported layer"
+            call.path,
+            type(m).__name__,
+            f"per-sample gradient via torch.func failed ({exc}); "
+            "freeze it or replace it with a supported layer",
         ) from exc
     return {n: grads[n] for n in names}

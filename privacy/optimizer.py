@@ -23,11 +23,20 @@ class DPOptimizer(Optimizer):
     expected batch size, writes ``p.grad`` and calls the wrapped optimizer's ``step()``.
     """
 
-    def __init__(self, optimizer: Optimizer, *, hooks: PerSampleHooks, noise_multiplier: float,
-                 max_grad_norm: float, expected_batch_size: float, clipping: str = "flat",
-                 loss_reduction: str = "mean", generator: torch.Generator | None = None,
-                 before_step: Callable[[], None] | None = None,
-                 after_step: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        *,
+        hooks: PerSampleHooks,
+        noise_multiplier: float,
+        max_grad_norm: float,
+        expected_batch_size: float,
+        clipping: str = "flat",
+        loss_reduction: str = "mean",
+        generator: torch.Generator | None = None,
+        before_step: Callable[[], None] | None = None,
+        after_step: Callable[[], None] | None = None,
+    ) -> None:
         if clipping not in CLIPPING_MODES:
             raise ValueError(f"clipping must be one of {CLIPPING_MODES}, got {clipping!r}")
         if loss_reduction not in ("mean", "sum"):
@@ -102,8 +111,9 @@ class DPOptimizer(Optimizer):
     def begin_logical_batch(self) -> None:
         """Drop clipped sums left over from an unfinished logical batch (e.g. a ``break``)."""
         if self._summed:
-            warnings.warn("discarding clipped gradients of an unfinished logical batch",
-                          stacklevel=2)
+            warnings.warn(
+                "discarding clipped gradients of an unfinished logical batch", stacklevel=2
+            )
         self._summed, self._samples = {}, 0
         self.hooks.clear()
 
@@ -115,8 +125,10 @@ class DPOptimizer(Optimizer):
                 continue
             b = usages[0].batch_size
             if any(u.batch_size != b for u in usages):
-                raise RuntimeError("per-sample gradients of one forward have different batch "
-                                   "sizes; inputs of every layer must be batch-first")
+                raise RuntimeError(
+                    "per-sample gradients of one forward have different batch "
+                    "sizes; inputs of every layer must be batch-first"
+                )
             if b == 0:
                 continue
             scale = float(b) if self.loss_reduction == "mean" else 1.0

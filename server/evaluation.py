@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from fedtrust.tasks import Task, load_trainable_state
 from flwr.app import ArrayRecord
+
+from fedtrust.tasks import Task, load_trainable_state
 
 
 class CentralEvaluator:

@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from fedtrust.tasks import Task, trainable_state
 from flwr.app import Array, ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
+
+from fedtrust.tasks import Task, trainable_state
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .evaluation import CentralEvaluator

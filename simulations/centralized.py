@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from fedtrust.clients.train import LocalDP, train_local
 from fedtrust.server.evaluation import CentralEvaluator
 from fedtrust.tasks import build_task

@@ -91,8 +91,7 @@ class ServerConfig:
 
 @dataclass
 class PrivacyConfig:
-    """Differential privacy: on when target_epsilon > 0 (noise calibrated) or noise_multiplier > 0.
-    """
+    """Differential privacy: on when target_epsilon > 0 or noise_multiplier > 0."""
 
     level: Literal["sample", "user"] = "sample"  # DP-SGD on each device, or DP-FedAvg on the server
     target_epsilon: float = 0.0

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
 from fedtrust.clients.device_data import DeviceStore
 from fedtrust.tasks import Task, build_task
 

@@ -110,10 +110,11 @@ def simulate(
     on_round: Callable[[dict[str, Any]], None] | None = None,
 ) -> tuple[Path, dict[str, Any]]:
     """Run the whole simulation in this process (Ray actors for the devices)."""
-    from fedtrust.clients.app import app as client_app
-    from fedtrust.server.app import make_server_app
     from flwr.clientapp import ClientApp  # noqa: F401 - imported for its side effects on logging
     from flwr.simulation import run_simulation
+
+    from fedtrust.clients.app import app as client_app
+    from fedtrust.server.app import make_server_app
 
     began = time.perf_counter()
     run_dir, population = start_run(cfg, resume)

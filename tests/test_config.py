@@ -1,4 +1,5 @@
 import pytest
+
 from fedtrust.simulations.config import ConfigError, load_config, parse_override
 
 

@@ -1,4 +1,5 @@
 import pytest
+
 from fedtrust.tasks import DataError, load_raw
 
 

@@ -1,6 +1,7 @@
 import math
 
 import numpy as np
+
 from fedtrust.clients.device_data import DeviceStore, available_examples
 from fedtrust.simulations.config import DevicesConfig
 

@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+
 from fedtrust.simulations.partition import PartitionError, dirichlet, iid, natural, powerlaw
 
 

@@ -1,12 +1,13 @@
 import numpy as np
 import pytest
+from scipy import stats
+
 from fedtrust.server.selection import (
     ActivitySelection,
     Selection,
     UniformSelection,
     aggregation_weights,
 )
-from scipy import stats
 
 COUNTS = np.array([1, 2, 4, 8, 16, 32, 0, 64], dtype=float)
 

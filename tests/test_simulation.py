@@ -6,9 +6,10 @@ import json
 
 import numpy as np
 import pytest
+from safetensors.numpy import load_file
+
 from fedtrust.simulations.config import load_config
 from fedtrust.simulations.runner import simulate
-from safetensors.numpy import load_file
 
 
 def _cfg(tmp_path, tiny_bert, data, name, *extra):

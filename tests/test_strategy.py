@@ -4,11 +4,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
 from fedtrust.server.registry import DeviceRegistry
 from fedtrust.server.selection import UniformSelection
 from fedtrust.server.strategy import make_strategy
 from fedtrust.simulations.config import load_config
-from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 
 @dataclass

@@ -1,6 +1,7 @@
 import math
 
 import torch
+
 from fedtrust.simulations.config import load_config
 from fedtrust.simulations.population import build_population
 from fedtrust.tasks import build_task, load_trainable_state, trainable_state

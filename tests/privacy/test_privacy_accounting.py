@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from opacus.accountants import PRVAccountant, RDPAccountant
+from opacus.accountants.utils import get_noise_multiplier
+from privacy_helpers import Regressor, regression_batch, row_loader
+
 from fedtrust.privacy import (
     PrivacyBudgetExhausted,
     PrivacyEngine,
@@ -12,9 +16,6 @@ from fedtrust.privacy import (
     device_epsilon,
     max_steps,
 )
-from opacus.accountants import PRVAccountant, RDPAccountant
-from opacus.accountants.utils import get_noise_multiplier
-from privacy_helpers import Regressor, regression_batch, row_loader
 
 N, B = 40, 4  # q = 0.1
 

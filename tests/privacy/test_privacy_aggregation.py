@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from fedtrust.privacy import (
     InvalidPrivacyParameterError,
     add_gaussian_noise,

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from fedtrust.privacy import PerSampleHooks, PrivacyEngine, clip_factors, per_sample_norms
-from fedtrust.privacy.clipping import per_sample_gradients as materialise
 from privacy_helpers import (
     Regressor,
     flat_norm,
@@ -15,6 +13,9 @@ from privacy_helpers import (
     text_batch,
 )
 from torch import nn
+
+from fedtrust.privacy import PerSampleHooks, PrivacyEngine, clip_factors, per_sample_norms
+from fedtrust.privacy.clipping import per_sample_gradients as materialise
 
 
 def make(model, batch, batch_size, **kw):

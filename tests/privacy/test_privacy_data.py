@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import torch
+from privacy_helpers import Regressor, regression_batch, row_loader, text_batch, tiny_bert
+
 from fedtrust.privacy import PrivacyEngine
 from fedtrust.privacy.data import batch_size_of, split_batch
-from privacy_helpers import Regressor, regression_batch, row_loader, text_batch, tiny_bert
 
 
 def test_poisson_batches_vary_include_empty_and_training_works():

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from fedtrust.privacy import PrivacyBudgetExhausted, PrivacyEngine
 from privacy_helpers import (
     Regressor,
     flat_norm,
@@ -15,6 +14,8 @@ from privacy_helpers import (
     tiny_bert,
     tiny_gpt2,
 )
+
+from fedtrust.privacy import PrivacyBudgetExhausted, PrivacyEngine
 
 
 def test_three_line_adoption_bert_poisson_microbatches_scheduler():

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from privacy_helpers import Regressor, regression_batch, row_loader, tiny_bert
+from torch import nn
+
 from fedtrust.privacy import (
     BudgetTooSmallError,
     InvalidPrivacyParameterError,
@@ -11,8 +14,6 @@ from fedtrust.privacy import (
     PrivacyError,
     UnsupportedModuleError,
 )
-from privacy_helpers import Regressor, regression_batch, row_loader, tiny_bert
-from torch import nn
 
 
 def attach(model=None, n=20, batch=4, **kw):

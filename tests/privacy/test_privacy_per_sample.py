@@ -7,10 +7,11 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
-from fedtrust.privacy import PerSampleHooks, per_sample_gradients, per_sample_norms
-from fedtrust.privacy.clipping import per_sample_gradients as materialise
 from privacy_helpers import flat_norm, loop_grads, text_batch, tiny_bert
 from torch import nn
+
+from fedtrust.privacy import PerSampleHooks, per_sample_gradients, per_sample_norms
+from fedtrust.privacy.clipping import per_sample_gradients as materialise
 
 
 def hook_grads(model: nn.Module, batch: dict, loss_fn=None, scale: float | None = None):
