@@ -6,33 +6,24 @@ import json
 
 import pytest
 from opacus.accountants import RDPAccountant
+from tiny_runs import tiny_run_config
 
 from fedtrust.simulations.centralized import train_centralized
-from fedtrust.simulations.config import load_config
 from fedtrust.simulations.runner import simulate
 
 
 def _cfg(tmp_path, tiny_bert, data, name, *extra):
-    return load_config(
-        None,
-        [
-            f'task.dataset="{data}"',
-            f'task.model="{tiny_bert}"',
-            "task.freeze_embeddings=false",
-            "task.freeze_layers=0",
-            "partition.num_devices=10",
-            "selection.devices_per_round=3",
-            "server.rounds=3",
-            "client.epochs=1",
-            "client.batch_size=8",
-            "client.lr=1e-2",
-            "client.head_lr_scale=1",
-            "client.num_cpus=1",
-            "server.eval_examples=0",
-            f'run.output_dir="{tmp_path}"',
-            f'run.name="{name}"',
-            *extra,
-        ],
+    return tiny_run_config(
+        tmp_path,
+        tiny_bert,
+        data,
+        name,
+        "partition.num_devices=10",
+        "selection.devices_per_round=3",
+        "server.rounds=3",
+        "client.epochs=1",
+        "client.batch_size=8",
+        *extra,
     )
 
 
