@@ -32,6 +32,10 @@ def train_centralized(
     began = time.perf_counter()
     torch.set_num_threads(max(1, cfg.client.num_cpus))
     task = build_task(cfg.task, seed=cfg.run.seed)
+    if cfg.audit.plant_canaries:  # the privacy audit's secrets, in the training set
+        from fedtrust.privacy.audit import audit_canaries
+
+        task.train.extend(audit_canaries(cfg, task)[1])
     name = cfg.run.name or datetime.now().strftime("train-%Y%m%d-%H%M%S")
     run_dir = Path(cfg.run.output_dir) / name
     run_dir.mkdir(parents=True, exist_ok=True)

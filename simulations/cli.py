@@ -105,6 +105,58 @@ def compare(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     console.print(f"report in [bold]{out_dir}[/] (comparison.md, comparison.json, comparison.png)")
 
 
+@app.command()
+def audit(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """Train models at several privacy levels, attack them (MIA, canaries), write one report."""
+    from fedtrust.privacy.audit import run_audit
+
+    try:
+        cfg = load_config(config or "audit", set_ or [])
+        with console.status("auditing") as status:
+            out_dir, report = run_audit(
+                cfg, progress=lambda m: (console.print(m), status.update(m.strip()))
+            )
+    except (ConfigError, ValueError, FileNotFoundError, RuntimeError) as err:
+        _fail(str(err))
+        return
+    console.print((out_dir / "audit.md").read_text().split("## Canaries")[0])
+    console.print(f"report in [bold]{out_dir}[/] (audit.html, audit.md, audit.json, *.png)")
+
+
+@app.command()
+def attack(
+    kind: Annotated[str, typer.Argument(help="mia or canary")],
+    model: Annotated[Path, typer.Option("--model", help="a finished run folder")],
+    examples: Annotated[int, typer.Option(help="mia: members + non-members scored")] = 2000,
+) -> None:
+    """Run one attack on an existing run: membership inference or canary extraction."""
+    import json
+
+    from fedtrust.privacy.audit import attack_run
+
+    if not model.is_dir():
+        _fail(f"{model}: no such run folder")
+    try:
+        out, report = attack_run(model, kind, examples)
+    except (ConfigError, ValueError, FileNotFoundError, RuntimeError) as err:
+        _fail(str(err))
+        return
+    shown = report["summary"] if kind == "canary" else report
+    console.print(json.dumps(shown, indent=1))
+    console.print(f"written to [bold]{out}[/]")
+
+
+def _mount_fairness() -> None:
+    try:
+        from fedtrust.fairness.cli import app as fairness_app
+    except ImportError:  # pragma: no cover - fairness CLI not installed
+        return
+    app.add_typer(fairness_app, name="fairness")
+
+
+_mount_fairness()
+
+
 def main() -> None:
     try:
         app()

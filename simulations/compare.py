@@ -59,6 +59,7 @@ def run_compare(cfg: Config, on_round=None) -> tuple[Path, list[dict[str, Any]]]
                 "best_subset": max(r[metric] for r in history),
                 "mean_examples_per_round": sum(seen) / len(seen),
                 "distinct_devices": len({d for r in history for d in r["devices"]}),
+                **_cohort_columns(summary.get("cohorts")),
                 "run_dir": str(run_dir),
             }
         )
@@ -68,19 +69,38 @@ def run_compare(cfg: Config, on_round=None) -> tuple[Path, list[dict[str, Any]]]
     return out_dir, rows
 
 
+def _cohort_columns(cohorts: dict[str, Any] | None) -> dict[str, Any]:
+    """The activity-cohort fairness figures of one run (see fedtrust.fairness.cohorts)."""
+    if not cohorts or "activity" not in cohorts:
+        return {"cohort_gap": None, "lightest_accuracy": None, "lightest_never_selected": None}
+    activity = cohorts["activity"]
+    names = [k for k in activity if k not in ("gap", "worst")]
+    return {
+        "cohort_gap": activity["gap"],
+        "lightest_accuracy": activity[names[0]] if names else None,
+        "lightest_never_selected": cohorts["lightest_cohort_never_selected"],
+    }
+
+
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     head = (
         "| data | selection | final {m} (full test) | final loss | best {m} (subset) "
-        "| examples / round | distinct devices |"
+        "| examples / round | distinct devices | lightest-quartile accuracy "
+        "| worst-cohort gap | lightest never selected |"
     ).format(m=rows[0]["metric"])
-    lines = [head, "|---|---|---|---|---|---|---|"]
+    lines = [head, "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
             f"| {r['data']} | {r['selection']} | {r['final']:.4f} | {r['final_loss']:.4f} "
             f"| {r['best_subset']:.4f} | {r['mean_examples_per_round']:.0f} "
-            f"| {r['distinct_devices']} |"
+            f"| {r['distinct_devices']} | {_fmt(r.get('lightest_accuracy'))} "
+            f"| {_fmt(r.get('cohort_gap'))} | {_fmt(r.get('lightest_never_selected'), '.0%')} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _fmt(value: float | None, spec: str = ".4f") -> str:
+    return "n/a" if value is None else format(value, spec)
 
 
 def plot_comparison(curves: dict, metric: str, path: Path) -> Path:

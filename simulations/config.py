@@ -27,6 +27,7 @@ class TaskConfig:
     text_column: str = "text"
     label_column: str = "label"
     device_column: str = "device"
+    cohort_column: str = ""  # a per-device attribute (e.g. region) reported as cohorts
     test_fraction: float = 0.1  # held out for the server when the data has no test split
     max_length: int = 32  # tokens per example (intent) or characters per example (lm)
     freeze_embeddings: bool = True
@@ -108,6 +109,23 @@ class PrivacyConfig:
 
 
 @dataclass
+class AuditConfig:
+    """`fedtrust audit`: models trained at several privacy levels, attacked two ways."""
+
+    epsilons: list[float] = field(default_factory=lambda: [0.0, 8.0, 1.0])  # 0 = no DP
+    examples: int = 2000  # audit pool from the training split: a random half are the members
+    epochs: int = 10  # training epochs of every target and shadow model
+    shadows: int = 4  # LiRA / reference models, each trained on a random half of the pool
+    canary_repetitions: list[int] = field(default_factory=lambda: [1, 5, 20])
+    canaries_per_level: int = 2
+    canary_candidates: int = 1000  # exposure: secrets ranked against this many random others
+    extraction_steps: int = 150
+    eval_examples: int = 1000  # test examples for each model's accuracy
+    plant_canaries: bool = False  # simulate/train: plant these canaries in the training data
+    canary_device: int = 0  # simulate: the device whose data holds the canaries
+
+
+@dataclass
 class RunConfig:
     seed: int = 0
     output_dir: str = "runs"
@@ -124,6 +142,7 @@ class Config:
     client: ClientConfig = field(default_factory=ClientConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -136,6 +155,11 @@ class Config:
 def _check_value(annotation: Any, value: Any, where: str) -> Any:
     """Return `value` converted to `annotation`, or raise ConfigError naming `where`."""
     origin = get_origin(annotation)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, e.g. [1, 2], got {value!r}")
+        (inner,) = get_args(annotation)
+        return [_check_value(inner, v, where) for v in value]
     if origin is Literal:
         choices = get_args(annotation)
         if value not in choices:
@@ -279,3 +303,16 @@ def validate(cfg: Config) -> None:
     require(q.noise_multiplier >= 0, "privacy.noise_multiplier", "must be >= 0, got {value}")
     require(q.max_grad_norm > 0, "privacy.max_grad_norm", "must be > 0, got {value}")
     require(q.participations >= 0, "privacy.participations", "must be >= 0, got {value}")
+    a = cfg.audit
+    require(bool(a.epsilons), "audit.epsilons", "needs at least one level (0 = no DP), got {value}")
+    require(min(a.epsilons or [0]) >= 0, "audit.epsilons", "must be >= 0 (0 = no DP), got {value}")
+    require(a.examples >= 20, "audit.examples", "must be >= 20, got {value}")
+    require(a.epochs >= 1, "audit.epochs", "must be >= 1, got {value}")
+    require(a.shadows >= 0, "audit.shadows", "must be >= 0 (0 = loss attack only), got {value}")
+    require(
+        min(a.canary_repetitions or [1]) >= 1,
+        "audit.canary_repetitions",
+        "every repetition count must be >= 1 (drop a level instead of 0), got {value}",
+    )
+    require(a.canaries_per_level >= 0, "audit.canaries_per_level", "must be >= 0, got {value}")
+    require(a.canary_candidates >= 1, "audit.canary_candidates", "must be >= 1, got {value}")

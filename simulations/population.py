@@ -16,7 +16,7 @@ import numpy as np
 from fedtrust.clients.device_data import DeviceStore
 from fedtrust.tasks import Task, build_task
 
-from .config import Config
+from .config import Config, ConfigError
 from .partition import partition
 
 log = logging.getLogger(__name__)
@@ -64,8 +64,27 @@ def build_population(cfg: Config) -> Population:
     labels = [r["labels"] for r in task.train] if task.kind == "intent" else None
     devices = [r.get("device") for r in task.train]
     parts, names = partition(cfg.partition, labels, devices, cfg.run.seed)
+    if cfg.audit.plant_canaries:  # the privacy audit's secrets, on one device
+        parts = _plant_canaries(cfg, task, parts)
     log.info("%d devices, %d training examples", len(parts), len(task.train))
     return Population(cfg, task, parts, names)
+
+
+def _plant_canaries(cfg: Config, task: Task, parts: list[np.ndarray]) -> list[np.ndarray]:
+    from fedtrust.privacy.audit import audit_canaries
+
+    device = cfg.audit.canary_device
+    if not 0 <= device < len(parts):
+        raise ConfigError(
+            f"audit.canary_device: {device} is not a device (the population has {len(parts)})"
+        )
+    _, rows = audit_canaries(cfg, task)
+    start = len(task.train)
+    task.train.extend(rows)
+    parts = list(parts)
+    parts[device] = np.concatenate([parts[device], np.arange(start, start + len(rows))])
+    log.info("planted %d canary rows on device %d", len(rows), device)
+    return parts
 
 
 _CACHE: dict[str, Population] = {}
@@ -74,7 +93,7 @@ _CACHE: dict[str, Population] = {}
 def cached_population(cfg: Config) -> Population:
     """One population per process and config (Ray actors serve many devices in turn)."""
     key = json.dumps(
-        {k: v for k, v in cfg.to_dict().items() if k in ("task", "partition", "devices")}
+        {k: v for k, v in cfg.to_dict().items() if k in ("task", "partition", "devices", "audit")}
         | {"seed": cfg.run.seed},
         sort_keys=True,
     )

@@ -85,6 +85,7 @@ def finish_run(
         "final_subset": {k: v for k, v in rows[-1].items() if isinstance(v, float)},
         "best_round": max(rows, key=lambda r: r.get(metric, 0.0))["round"] if rows else None,
         "privacy": _privacy_summary(cfg, rows),
+        "cohorts": _cohorts(cfg, run_dir, population, rows),
         "seconds": seconds,
     }
     write_summary(run_dir, summary)
@@ -95,6 +96,41 @@ def finish_run(
         title=f"{cfg.task.dataset}: {metric} (central test subset)",
     )
     return summary
+
+
+def _cohorts(
+    cfg: Config, run_dir: Path, population: Population, rows: list[dict[str, Any]]
+) -> dict[str, Any] | None:
+    """Per-cohort accuracy of the final model (cohorts.json/.md/.png); the summary's excerpt."""
+    import torch
+
+    from fedtrust.fairness.cohorts import cohort_report, write_cohort_report
+    from fedtrust.server.checkpoint import load_checkpoint
+    from fedtrust.tasks import load_trainable_state
+
+    checkpoint = load_checkpoint(run_dir)
+    if checkpoint is None:
+        return None
+    task = population.task
+    model = task.build_model(cfg.run.seed)
+    load_trainable_state(model, {k: torch.from_numpy(v) for k, v in checkpoint[1].items()})
+    try:
+        report = cohort_report(task, model, population, rows)
+    except ValueError as err:
+        logging.getLogger(__name__).warning("no cohort report: %s", err)
+        return {"error": str(err)}
+    write_cohort_report(report, run_dir)
+    activity = report["by"]["activity"]
+    return {
+        "source": report["source"],
+        "worst_gap": report["worst_gap"],
+        "activity": {
+            "gap": activity["gap"],
+            "worst": activity["worst"],
+            **{r["cohort"]: r["accuracy"] for r in activity["cohorts"]},
+        },
+        "lightest_cohort_never_selected": activity["cohorts"][0]["never_selected"],
+    }
 
 
 def _privacy_summary(cfg: Config, rows: list[dict[str, Any]]) -> dict[str, Any] | None:

@@ -16,6 +16,7 @@ def build_task(cfg, seed: int = 0) -> Task:
         text_column=cfg.text_column,
         label_column=cfg.label_column,
         device_column=cfg.device_column,
+        cohort_column=cfg.cohort_column,
         need_label=cfg.kind == "intent",
         test_fraction=cfg.test_fraction,
         seed=seed,

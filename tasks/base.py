@@ -63,6 +63,12 @@ class Task:
         for start in range(0, len(order), batch_size):
             yield self.collate([rows[i] for i in order[start : start + batch_size]])
 
+    def example_hits(
+        self, model: nn.Module, rows: list[dict[str, Any]], batch_size: int = 256
+    ) -> tuple[np.ndarray, np.ndarray]:  # pragma: no cover - overridden
+        """Per row, in row order: (correct predictions, predictions made)."""
+        raise NotImplementedError
+
     @torch.no_grad()
     def evaluate(
         self, model: nn.Module, rows: list[dict[str, Any]], batch_size: int = 256

@@ -28,6 +28,7 @@ def load_raw(
     text_column: str = "text",
     label_column: str = "label",
     device_column: str = "device",
+    cohort_column: str = "",
     need_label: bool = True,
     test_fraction: float = 0.1,
     seed: int = 0,
@@ -49,7 +50,7 @@ def load_raw(
     else:
         raw = _load_hub(name)
 
-    raw = _rename(raw, name, text_column, label_column, device_column, need_label)
+    raw = _rename(raw, name, text_column, label_column, device_column, cohort_column, need_label)
     if "test" not in raw:
         split = raw["train"].train_test_split(test_size=test_fraction, seed=seed)
         raw = DatasetDict({"train": split["train"], "test": split["test"]})
@@ -119,15 +120,23 @@ def _load_hub(name: str) -> DatasetDict:
 
 
 def _rename(
-    raw: DatasetDict, name: str, text: str, label: str, device: str, need_label: bool
+    raw: DatasetDict,
+    name: str,
+    text: str,
+    label: str,
+    device: str,
+    cohort: str,
+    need_label: bool,
 ) -> DatasetDict:
     columns = raw["train"].column_names
+    if cohort and cohort not in columns:
+        raise DataError(f"{name}: missing cohort column {cohort!r} (columns: {', '.join(columns)})")
     if text not in columns:
         raise DataError(f"{name}: missing text column {text!r} (columns: {', '.join(columns)})")
     if need_label and label not in columns:
         raise DataError(f"{name}: missing label column {label!r} (columns: {', '.join(columns)})")
-    mapping = {text: "text", label: "label", device: "device"}
-    keep = [c for c in (text, label, device) if c in columns]
+    mapping = {text: "text", label: "label", device: "device", cohort: "cohort"}
+    keep = [c for c in (text, label, device, cohort) if c and c in columns]
     out = {}
     for split, ds in raw.items():
         ds = ds.select_columns([c for c in keep if c in ds.column_names])

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -78,6 +79,20 @@ class IntentTask(Task):
             metrics["oos_recall"] = oos_hits / max(oos_total, 1)
         return metrics
 
+    @torch.no_grad()
+    def example_hits(
+        self, model: nn.Module, rows: list[dict[str, Any]], batch_size: int = 256
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Per row, in row order: (correct predictions, predictions) = (0 or 1, 1)."""
+        model.eval()
+        hits = []
+        for start in range(0, len(rows), batch_size):
+            batch = self.collate(rows[start : start + batch_size])
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            hits.append((logits.logits.argmax(-1) == batch["labels"]).numpy())
+        correct = np.concatenate(hits).astype(float) if hits else np.zeros(0)
+        return correct, np.ones_like(correct)
+
 
 def build_intent_task(raw, cfg) -> IntentTask:
     """Tokenise once; labels become ids in sorted order of their names."""
@@ -93,9 +108,9 @@ def build_intent_task(raw, cfg) -> IntentTask:
     def encode(split: dict[str, list]) -> list[dict[str, Any]]:
         ids = tokenizer(split["text"], truncation=True, max_length=cfg.max_length)["input_ids"]
         rows = [{"input_ids": x, "labels": index[str(y)]} for x, y in zip(ids, split["label"])]
-        if "device" in split:
-            for row, device in zip(rows, split["device"]):
-                row["device"] = str(device)
+        for column in ("device", "cohort"):
+            for row, value in zip(rows, split.get(column) or []):
+                row[column] = str(value)
         return rows
 
     primary = "in_scope_accuracy" if OUT_OF_SCOPE in labels else "accuracy"

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
@@ -75,6 +76,25 @@ class CharLMTask(Task):
             "perplexity": math.exp(min(loss, 50)),
         }
 
+    @torch.no_grad()
+    def example_hits(
+        self, model: nn.Module, rows: list[dict[str, Any]], batch_size: int = 256
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Per row, in row order: (correctly predicted characters, predicted characters)."""
+        model.eval()
+        hits, totals = [], []
+        for start in range(0, len(rows), batch_size):
+            batch = self.collate(rows[start : start + batch_size])
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            gold = batch["labels"][:, 1:]
+            keep = gold != IGNORE
+            correct = (logits.logits[:, :-1].argmax(-1) == gold) & keep
+            hits.append(correct.sum(1).numpy())
+            totals.append(keep.sum(1).numpy())
+        if not hits:
+            return np.zeros(0), np.zeros(0)
+        return np.concatenate(hits).astype(float), np.concatenate(totals).astype(float)
+
 
 def build_lm_task(raw, cfg) -> CharLMTask:
     """Cut every text into `max_length`-character examples that keep their device."""
@@ -84,8 +104,9 @@ def build_lm_task(raw, cfg) -> CharLMTask:
 
     def encode(split: dict[str, list]) -> list[dict[str, Any]]:
         devices = split.get("device") or [None] * len(split["text"])
+        cohorts = split.get("cohort") or [None] * len(split["text"])
         rows = []
-        for text, device in zip(split["text"], devices):
+        for text, device, cohort in zip(split["text"], devices, cohorts):
             ids = [index[ch] for ch in text]
             for start in range(0, len(ids), cfg.max_length):
                 chunk = ids[start : start + cfg.max_length]
@@ -93,6 +114,8 @@ def build_lm_task(raw, cfg) -> CharLMTask:
                     row: dict[str, Any] = {"input_ids": chunk}
                     if device is not None:
                         row["device"] = str(device)
+                    if cohort is not None:
+                        row["cohort"] = str(cohort)
                     rows.append(row)
         return rows
 

@@ -31,6 +31,12 @@ def test_compare_runs_all_four_settings_and_activity_picks_heavier_devices(tmp_p
     assert (out_dir / "comparison.png").stat().st_size > 10_000
     assert "| static | activity |" in (out_dir / "comparison.md").read_text()
     by = {(r["data"], r["selection"]): r for r in rows}
+    for r in rows:  # cohorts: Shakespeare's test rows carry the speaking role
+        assert 0 <= r["lightest_never_selected"] <= 1 and r["cohort_gap"] >= 0
+        cohorts = json.loads(
+            (out_dir / f"{r['data']}-{r['selection']}" / "cohorts.json").read_text()
+        )
+        assert cohorts["source"] == "device test rows"
     for mode in ("static", "continual"):
         assert (
             by[(mode, "activity")]["mean_examples_per_round"]

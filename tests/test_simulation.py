@@ -39,6 +39,14 @@ def test_tiny_simulation_writes_a_complete_report(tmp_path, tiny_bert, intent_js
     assert summary["final"]["loss"] == pytest.approx(rows[-1]["loss"])  # eval subset = whole split
     for name in ("config.toml", "summary.json", "learning_curve.png", "model/model.safetensors"):
         assert (run_dir / name).is_file(), name
+    cohorts = json.loads((run_dir / "cohorts.json").read_text())
+    assert cohorts["source"] == "label mix"  # IID devices; the test split has no device ids
+    assert cohorts["devices_scored"] == 20
+    chosen = sum(
+        c["selected_per_device"] * c["devices"] for c in cohorts["by"]["activity"]["cohorts"]
+    )
+    assert chosen == 3 * 4  # 3 rounds x 4 devices
+    assert summary["cohorts"]["worst_gap"] == cohorts["worst_gap"]
     model = AutoModelForSequenceClassification.from_pretrained(run_dir / "model")
     assert set(model.config.id2label.values()) == {"alarm", "music", "weather"}
 

@@ -1,0 +1,203 @@
+"""Per-cohort accuracy of a federated run's final model: who does the model serve well?
+
+A device's accuracy is measured in one of two ways, whichever the data allows:
+- `device test rows`: the held-out rows carry the device (user) id — Shakespeare's roles, a user
+  file with a device column — so each device is scored on its own held-out examples;
+- `label mix` (intent tasks whose test split has no user ids, e.g. CLINC150): the test accuracy of
+  every intent, averaged with the device's own label proportions — the accuracy a user with that
+  device's mix of requests would see.
+
+Devices are grouped into cohorts by activity (quantiles of the examples they hold) and by the data's
+own device attribute (`task.cohort_column`, the most common value on the device). Each cohort
+reports its mean device accuracy (every device counts once), how often its devices were selected,
+and the share never selected; the worst-cohort gap is the spread of cohort accuracies.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+import numpy as np
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+MIN_DEVICE_SHARE = 0.5  # intent: below this share of devices with test rows, use the label mix
+
+
+def device_accuracy(task, model, parts: list[np.ndarray], names: list[str], batch_size: int = 256):
+    """(accuracy per device, NaN where unknown; how it was measured)."""
+    hits, units = task.example_hits(model, task.test, batch_size)
+    index = {name: d for d, name in enumerate(names)}
+    owner = np.asarray([index.get(str(r.get("device")), -1) for r in task.test])
+    known = owner >= 0
+    enough = len(set(owner[known])) >= MIN_DEVICE_SHARE * len(names)
+    if known.any() and (enough or task.kind != "intent"):
+        correct = np.bincount(owner[known], hits[known], minlength=len(names))
+        total = np.bincount(owner[known], units[known], minlength=len(names))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(total > 0, correct / total, np.nan), "device test rows"
+    if task.kind != "intent":
+        raise ValueError(
+            "cohort accuracy needs test rows with device ids for this task "
+            "(the test split has none)"
+        )
+    labels = np.asarray([r["labels"] for r in task.test])
+    n = max(labels.max(), max(r["labels"] for r in task.train)) + 1
+    per_label_total = np.bincount(labels, minlength=n)
+    per_label = np.bincount(labels, hits, minlength=n) / np.maximum(per_label_total, 1)
+    tested = per_label_total > 0
+    acc = np.full(len(parts), np.nan)
+    for d, part in enumerate(parts):
+        mix = np.bincount([task.train[i]["labels"] for i in part], minlength=n) * tested
+        if mix.sum() > 0:
+            acc[d] = float(mix @ per_label / mix.sum())
+    return acc, "label mix"
+
+
+def activity_cohorts(sizes: np.ndarray, quantiles: int = 4) -> tuple[np.ndarray, list[str]]:
+    """Cohort index per device by quantile of its example count, and readable names."""
+    edges = np.unique(np.quantile(sizes, np.linspace(0, 1, quantiles + 1)[1:-1]))
+    edges = edges[edges > sizes.min()]  # ties at the bottom: no empty lowest cohort
+    which = np.searchsorted(edges, sizes, side="right")
+    names = []
+    for c in range(len(edges) + 1):
+        members = sizes[which == c]
+        names.append(
+            f"Q{c + 1}: {members.min()}–{members.max()} examples" if len(members) else f"Q{c + 1}"
+        )
+    return which, names
+
+
+def cohort_table(
+    accuracy: np.ndarray,
+    groups: np.ndarray,
+    group_names: list[str],
+    selections: np.ndarray,
+    rounds: int,
+) -> dict[str, Any]:
+    """Mean device accuracy, selections and never-selected share per cohort; the worst gap."""
+    rows = []
+    for g, name in enumerate(group_names):
+        members = groups == g
+        if not members.any():
+            continue
+        scored = members & ~np.isnan(accuracy)
+        rows.append(
+            {
+                "cohort": name,
+                "devices": int(members.sum()),
+                "accuracy": float(accuracy[scored].mean()) if scored.any() else None,
+                "selected_per_device": float(selections[members].mean()),
+                "selection_rate": float(selections[members].mean() / max(rounds, 1)),
+                "never_selected": float((selections[members] == 0).mean()),
+            }
+        )
+    scored = [r for r in rows if r["accuracy"] is not None]
+    if len(scored) < 1:
+        return {"cohorts": rows, "gap": None, "worst": None, "best": None}
+    worst = min(scored, key=lambda r: r["accuracy"])
+    best = max(scored, key=lambda r: r["accuracy"])
+    return {
+        "cohorts": rows,
+        "gap": best["accuracy"] - worst["accuracy"],
+        "worst": worst["cohort"],
+        "best": best["cohort"],
+    }
+
+
+def cohort_report(task, model, population, metrics: list[dict[str, Any]], quantiles: int = 4):
+    """Cohort tables by activity and by the data's device attribute, for one run."""
+    accuracy, source = device_accuracy(task, model, population.parts, population.names)
+    history = [r for r in metrics if r.get("round", 0) > 0]
+    selections = np.zeros(population.size)
+    for r in history:
+        for d in r.get("devices", []):
+            selections[d] += 1
+    sizes = population.sizes()
+    groups, names = activity_cohorts(sizes, quantiles)
+    report = {
+        "source": source,
+        "devices": population.size,
+        "devices_scored": int((~np.isnan(accuracy)).sum()),
+        "rounds": len(history),
+        "by": {"activity": cohort_table(accuracy, groups, names, selections, len(history))},
+    }
+    attribute = _device_attribute(task, population.parts)
+    if attribute is not None:
+        values = sorted(set(attribute))
+        groups = np.asarray([values.index(v) for v in attribute])
+        report["by"]["attribute"] = cohort_table(accuracy, groups, values, selections, len(history))
+    gaps = {by: t["gap"] for by, t in report["by"].items() if t["gap"] is not None}
+    report["worst_gap"] = max(gaps.values()) if gaps else None
+    return report
+
+
+def _device_attribute(task, parts: list[np.ndarray]) -> list[str] | None:
+    if not task.train or "cohort" not in task.train[0]:
+        return None
+    return [
+        Counter(task.train[i]["cohort"] for i in part).most_common(1)[0][0] if len(part) else "?"
+        for part in parts
+    ]
+
+
+def write_cohort_report(report: dict[str, Any], out_dir: Path, metric: str = "accuracy") -> None:
+    """cohorts.json, cohorts.md and cohorts.png in `out_dir`."""
+    (out_dir / "cohorts.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out_dir / "cohorts.md").write_text(cohort_markdown(report, metric))
+    plot_cohorts(report, out_dir / "cohorts.png", metric)
+
+
+def cohort_markdown(report: dict[str, Any], metric: str = "accuracy") -> str:
+    lines = [
+        f"Per-device {metric} measured by {report['source']} "
+        f"({report['devices_scored']} of {report['devices']} devices scored, "
+        f"{report['rounds']} rounds).",
+        "",
+    ]
+    for by, table in report["by"].items():
+        gap = "n/a" if table["gap"] is None else f"{table['gap']:.4f}"
+        lines += [
+            f"### by {by} (worst cohort: {table['worst']}, gap {gap})",
+            "",
+            "| cohort | devices | mean device accuracy | selected / device | never selected |",
+            "|---|---|---|---|---|",
+        ]
+        for r in table["cohorts"]:
+            acc = "n/a" if r["accuracy"] is None else f"{r['accuracy']:.4f}"
+            lines.append(
+                f"| {r['cohort']} | {r['devices']} | {acc} | {r['selected_per_device']:.2f} "
+                f"| {r['never_selected']:.0%} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot_cohorts(report: dict[str, Any], path: Path, metric: str = "accuracy") -> Path:
+    tables = list(report["by"].items())
+    fig, axes = plt.subplots(1, len(tables), figsize=(5.5 * len(tables), 3.8), squeeze=False)
+    for ax, (by, table) in zip(axes[0], tables):
+        rows = [r for r in table["cohorts"] if r["accuracy"] is not None]
+        xs = np.arange(len(rows))
+        ax.bar(xs, [r["accuracy"] for r in rows], color="tab:blue", alpha=0.8)
+        for x, r in zip(xs, rows):
+            ax.annotate(
+                f"sel {r['selected_per_device']:.1f}",
+                (x, r["accuracy"]),
+                ha="center",
+                va="bottom",
+                fontsize=8,
+            )
+        ax.set_xticks(xs, [r["cohort"].split(":")[0] for r in rows])
+        ax.set_ylabel(f"mean device {metric}")
+        ax.set_title(f"by {by} (gap {table['gap'] or 0:.3f})")
+        ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

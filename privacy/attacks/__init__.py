@@ -1,0 +1,1 @@
+"""Privacy attacks: membership inference (scores, attacks, metrics) and canaries."""

@@ -1,0 +1,186 @@
+"""The audit report: audit.json, audit.md and a self-contained audit.html (plots inlined).
+
+Readable without fedtrust: plain JSON, Markdown tables, and HTML with base64 PNGs.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+import numpy as np
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from .attacks.metrics import plot_roc  # noqa: E402
+
+ATTACKS = ("loss", "reference", "lira_offline", "lira_online")
+
+
+def write_audit_report(report: dict[str, Any], out_dir: Path) -> dict[str, Path]:
+    """Write the three report files and the PNG plots; returns their paths."""
+    roc_png = out_dir / "roc.png"
+    curves = {}
+    for level in report["levels"]:
+        attack = _strongest(level["mia"])
+        curves[f"{level['label']} ({attack})"] = level["mia"][attack]["roc"]
+    plot_roc(curves, roc_png, title="Membership inference (strongest attack per level)")
+    leak_png = plot_leakage(report, out_dir / "leakage.png")
+    plain = _jsonable(report)
+    (out_dir / "audit.json").write_text(json.dumps(plain, indent=1) + "\n")
+    markdown = audit_markdown(plain)
+    (out_dir / "audit.md").write_text(markdown)
+    (out_dir / "audit.html").write_text(_html(plain, [leak_png, roc_png]))
+    return {
+        "json": out_dir / "audit.json",
+        "md": out_dir / "audit.md",
+        "html": out_dir / "audit.html",
+        "roc": roc_png,
+        "leakage": leak_png,
+    }
+
+
+def audit_table(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """One row per privacy level: ε, accuracy, MIA per attack, canary extraction."""
+    metric = report["primary_metric"]
+    head = ["level", "ε achieved", f"test {metric}"]
+    attacks = [a for a in ATTACKS if any(a in lv["mia"] for lv in report["levels"])]
+    head += [f"{a} AUC" for a in attacks]
+    head += ["best TPR@1%FPR", "best TPR@0.1%FPR", "canary exact (all)", "canary exposure"]
+    levels = sorted({int(k) for lv in report["levels"] for k in lv["canary_summary"]})
+    head += [f"exact @{r}×" for r in levels]
+    rows = []
+    for lv in report["levels"]:
+        mia = lv["mia"]
+        eps = lv["achieved_epsilon"]
+        canaries = lv["canaries"]
+        row = [lv["label"], "∞" if eps is None else f"{eps:.2f}", f"{lv['test'][metric]:.3f}"]
+        row += [f"{mia[a]['auc']:.3f}" if a in mia else "–" for a in attacks]
+        row.append(f"{max(m['tpr_at_1pct_fpr'] for m in mia.values()):.3f}")
+        row.append(f"{max(m['tpr_at_0.1pct_fpr'] for m in mia.values()):.3f}")
+        row.append(f"{np.mean([c['exact'] for c in canaries]):.2f}" if canaries else "–")
+        row.append(f"{np.mean([c['exposure'] for c in canaries]):.2f}" if canaries else "–")
+        summary = lv["canary_summary"]
+        row += [
+            f"{summary[str(r)]['exact_rate']:.2f}" if str(r) in summary else "–" for r in levels
+        ]
+        rows.append(row)
+    return head, rows
+
+
+def audit_markdown(report: dict[str, Any]) -> str:
+    head, rows = audit_table(report)
+    lines = [
+        f"# Privacy audit: {report['dataset']} / {report['model']}",
+        "",
+        f"{report['members']} members vs {report['non_members']} non-members (a random split of "
+        f"a {report['pool']}-example pool from the training data), {report['shadows']} shadow "
+        f"models, {report['epochs']} training epochs per model, "
+        f"{len(report['canaries'])} canaries. AUC 0.5 = no leakage.",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    lines += ["", "## Canaries", "", "| level | canary | repetitions | extracted | exposure |"]
+    lines.append("|---|---|---|---|---|")
+    for lv in report["levels"]:
+        for c in lv["canaries"]:
+            mark = "✔" if c["exact"] else f"{c['token_accuracy']:.0%} of tokens"
+            lines.append(
+                f"| {lv['label']} | {c['text']} | {c['repetitions']} | {c['extracted']} ({mark}) "
+                f"| {c['exposure']:.2f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def plot_leakage(report: dict[str, Any], path: Path) -> Path:
+    """Per privacy level: MIA AUC and TPR@1%FPR, canary exact-match, test accuracy."""
+    levels = report["levels"]
+    xs = np.arange(len(levels))
+    metric = report["primary_metric"]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for attack in ATTACKS:
+        ys = [lv["mia"][attack]["auc"] if attack in lv["mia"] else np.nan for lv in levels]
+        if not np.all(np.isnan(ys)):
+            axes[0].plot(xs, ys, marker="o", label=attack)
+    axes[0].axhline(0.5, color="grey", ls=":", lw=1)
+    axes[0].set_ylabel("MIA ROC AUC")
+    axes[0].legend(fontsize=8)
+    tpr = [max(m["tpr_at_1pct_fpr"] for m in lv["mia"].values()) for lv in levels]
+    axes[1].plot(xs, tpr, marker="o", label="MIA TPR @ 1% FPR")
+    exact = [
+        np.mean([c["exact"] for c in lv["canaries"]]) if lv["canaries"] else np.nan for lv in levels
+    ]
+    axes[1].plot(xs, exact, marker="s", label="canary exact match")
+    axes[1].set_ylim(-0.02, 1.02)
+    axes[1].legend(fontsize=8)
+    axes[2].plot(xs, [lv["test"][metric] for lv in levels], marker="o", color="tab:green")
+    axes[2].set_ylabel(f"test {metric}")
+    for ax in axes:
+        ax.set_xticks(xs, [lv["label"] for lv in levels])
+        ax.grid(alpha=0.3)
+    fig.suptitle("Leakage and utility by privacy level")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _strongest(mia: dict[str, Any]) -> str:
+    return max(mia, key=lambda a: (mia[a]["tpr_at_1pct_fpr"], mia[a]["auc"]))
+
+
+def _jsonable(report: dict[str, Any]) -> dict[str, Any]:
+    """ROC curves thinned to ≤ 200 points; numpy values to plain floats."""
+
+    def clean(x):
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        if isinstance(x, list | tuple) and len(x) == 2 and isinstance(x[0], np.ndarray):
+            fpr, tpr = x
+            keep = np.unique(np.linspace(0, len(fpr) - 1, min(len(fpr), 200)).astype(int))
+            return {"fpr": fpr[keep].tolist(), "tpr": tpr[keep].tolist()}
+        if isinstance(x, list | tuple):
+            return [clean(v) for v in x]
+        if isinstance(x, np.generic):
+            return x.item()
+        return x
+
+    return clean(report)
+
+
+def _html(report: dict[str, Any], images: list[Path]) -> str:
+    head, rows = audit_table(report)
+    table = "<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"
+    table += "".join(
+        "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows
+    )
+    table += "</table>"
+    pictures = "".join(
+        f'<img alt="{p.stem}" src="data:image/png;base64,{_b64(p)}">' for p in images
+    )
+    markdown = html.escape(audit_markdown(report).split("## Canaries", 1)[1])
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>fedtrust privacy audit</title>
+<style>body{{font-family:sans-serif;max-width:1200px;margin:2em auto}}
+table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}
+img{{max-width:100%}}pre{{background:#f6f6f6;padding:1em;overflow:auto}}</style></head>
+<body><h1>Privacy audit: {html.escape(str(report["dataset"]))} /
+{html.escape(str(report["model"]))}</h1>
+<p>{report["members"]} members vs {report["non_members"]} non-members, {report["shadows"]}
+shadow models, {report["epochs"]} epochs per model, {len(report["canaries"])} canaries.
+ROC AUC 0.5 means the attacker cannot tell members from non-members.</p>
+{table}{pictures}<h2>Canaries</h2><pre>{markdown}</pre></body></html>
+"""
+
+
+def _b64(path: Path) -> str:
+    buffer = io.BytesIO(path.read_bytes())
+    return base64.b64encode(buffer.getvalue()).decode()

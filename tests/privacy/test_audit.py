@@ -1,0 +1,114 @@
+"""The privacy audit end to end on a tiny model, and single attacks on existing runs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from tiny_runs import tiny_run_config
+
+from fedtrust.privacy.audit import attack_run, check_disjoint, membership_inference, run_audit
+from fedtrust.simulations.centralized import train_centralized
+
+
+@pytest.fixture(scope="module")
+def varied_jsonl(tmp_path_factory):
+    """200 distinct 5-word utterances with random intents (membership is all there is to learn)."""
+    rng = np.random.default_rng(0)
+    words = "alpha beta gamma delta rain sun song play wake clock tiger lemon".split()
+    path = tmp_path_factory.mktemp("varied") / "varied.jsonl"
+    with path.open("w") as f:
+        for i in range(200):
+            text = " ".join(rng.choice(words, 5)) + f" {i}"
+            f.write(json.dumps({"text": text, "label": str(rng.choice(["a", "b", "c"]))}) + "\n")
+    return path
+
+
+def _audit_cfg(tmp_path, tiny_bert, data, *extra):
+    return tiny_run_config(
+        tmp_path,
+        tiny_bert,
+        data,
+        "audit",
+        "audit.examples=60",
+        "audit.epochs=3",
+        "audit.shadows=2",
+        "audit.epsilons=[0, 4]",
+        "audit.canary_repetitions=[3]",
+        "audit.canaries_per_level=1",
+        "audit.canary_candidates=50",
+        "audit.extraction_steps=5",
+        "audit.eval_examples=30",
+        "client.batch_size=16",
+        *extra,
+    )
+
+
+def test_audit_writes_one_report_with_every_level(tmp_path, tiny_bert, varied_jsonl):
+    cfg = _audit_cfg(tmp_path, tiny_bert, varied_jsonl)
+    out, report = run_audit(cfg)
+    assert [lv["label"] for lv in report["levels"]] == ["no DP", "ε = 4"]
+    assert report["members"] == report["non_members"] == 30
+    no_dp, dp = report["levels"]
+    assert no_dp["achieved_epsilon"] is None
+    assert 0 < dp["achieved_epsilon"] <= 4.0 + 1e-6
+    assert set(no_dp["mia"]) == {"loss", "reference", "lira_offline", "lira_online"}
+    assert all(0 <= m["auc"] <= 1 for m in no_dp["mia"].values())
+    assert len(no_dp["canaries"]) == 1 and no_dp["canaries"][0]["repetitions"] == 3
+    saved = json.loads((out / "audit.json").read_text())
+    assert saved["levels"][1]["mia"]["loss"]["auc"] == pytest.approx(dp["mia"]["loss"]["auc"])
+    page = (out / "audit.html").read_text()
+    assert page.count("data:image/png;base64,") == 2 and "<table>" in page
+    assert "| ε = 4 |" in (out / "audit.md").read_text()
+    # a second run in the same folder reuses every trained model
+    _, again = run_audit(cfg)
+    assert again["levels"][0]["test"] == no_dp["test"]
+
+
+def test_overlapping_members_and_non_members_are_refused():
+    rows = [{"input_ids": [1, 2, 3]}, {"input_ids": [4, 5]}]
+    with pytest.raises(ValueError, match="1 non-member rows are identical to member rows"):
+        check_disjoint(rows, [{"input_ids": [7]}, {"input_ids": [4, 5]}])
+
+
+def test_without_shadows_only_the_loss_attack_runs():
+    is_member = np.r_[np.ones(50, bool), np.zeros(50, bool)]
+    scores = {"loss": np.r_[np.zeros(50), np.ones(50)], "confidence": np.zeros(100)}
+    result = membership_inference(scores, is_member)
+    assert list(result) == ["loss"] and result["loss"]["auc"] == 1.0
+
+
+def test_attack_on_a_finished_run(tmp_path, tiny_bert, varied_jsonl):
+    cfg = tiny_run_config(
+        tmp_path, tiny_bert, varied_jsonl, "central", "client.batch_size=16", "server.rounds=1"
+    )
+    run_dir, _ = train_centralized(cfg, epochs=1)
+    out, report = attack_run(run_dir, "mia", examples=60)
+    assert report["members"] == report["non_members"] == 20  # the 10% test split
+    assert (out / "mia.json").is_file() and (out / "mia_roc.png").is_file()
+    with pytest.raises(ValueError, match="planted no canaries"):
+        attack_run(run_dir, "canary")
+
+
+def test_attack_cli_errors_are_one_line(tmp_path):
+    def run(*args):
+        return subprocess.run(
+            [sys.executable, "-m", "fedtrust.simulations.cli", *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    (tmp_path / "config.toml").write_text("[task]\n")
+    result = run("attack", "mia", "--model", str(tmp_path))
+    assert result.returncode == 2
+    assert "no trained model (model/config.json missing" in " ".join(result.stdout.split())
+    result = run("audit", "--set", "audit.canary_repetitions=[0, 5]")
+    assert result.returncode == 2
+    assert "audit.canary_repetitions: every repetition count must be >= 1" in " ".join(
+        result.stdout.split()
+    )
+    assert "Traceback" not in result.stdout + result.stderr
