@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from .attacks.canary import Canary, canary_report, canary_rows, make_canaries, summarise
 from .attacks.metrics import attack_metrics, roc_points
@@ -89,6 +90,7 @@ def run_audit(cfg, progress: Progress | None = None) -> tuple[Path, dict[str, An
 
     say = progress or (lambda message: None)
     began = time.perf_counter()
+    torch.set_num_threads(max(1, cfg.client.num_cpus))
     audit = cfg.audit
     if cfg.task.kind != "intent":
         raise ValueError(

@@ -73,7 +73,7 @@ def memorised(tiny_bert, tokenizer) -> nn.Module:
     task = _task(tiny_bert, rows)
     model = _model(task)
     steps, done = 80 * math.ceil(len(rows) / 32), 0
-    optimiser = torch.optim.Adam(model.parameters(), lr=2e-3)
+    optimiser = torch.optim.Adam(model.parameters(), lr=2e-3, fused=True)  # fast on CPU
     schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda s: 1 - s / steps)
     model.train()
     while done < steps:
