@@ -1,0 +1,145 @@
+"""The prediction-sensitivity report: sensitivity.json, sensitivity.md and sensitivity.png."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .sensitivity import FORMULA, REFERENCE
+
+TOP_EXAMPLES = 5
+
+
+def write_report(out_dir: Path | str, result: dict[str, Any], title: str) -> Path:
+    """Write the three report files for `result` (one or more audited models under "models",
+    each as from `sensitivity.audit`; other keys are copied to the JSON). Returns out_dir."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    models = result.get("models") or []
+    if not models:
+        raise ValueError("nothing to report: no audited model")
+    metric = {"formula": FORMULA, "reference": REFERENCE}
+    (out / "sensitivity.json").write_text(
+        json.dumps({"title": title, "metric": metric, **result}, indent=2, default=_jsonable) + "\n"
+    )
+    (out / "sensitivity.md").write_text(_markdown(result, title))
+    plot(models, out / "sensitivity.png", title)
+    return out
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"cannot write {type(value).__name__} to JSON")
+
+
+def _f(value: Any, digits: int = 4) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}" if abs(value) < 1e-3 and value else f"{value:.{digits}f}"
+    return str(value)
+
+
+def _markdown(result: dict[str, Any], title: str) -> str:
+    models = result["models"]
+    lines = [f"# {title}", ""]
+    lines += [
+        "Accumulated prediction sensitivity (APS, Krishna et al., ACL 2022): mean over examples of",
+        "v^T |J_f(x)| w(x), the task classifier's probability gradients in the token embeddings",
+        "weighted by the protected-status model's normalised gradient magnitudes. Counterfactual",
+        "gap: mean |Δp| of the predicted class when the person's gender is swapped, and how often",
+        "the predicted class flips. Lower is fairer for both.",
+        "",
+    ]
+    columns = sorted({c for m in models for c in m["sensitivity"]["groups"]})
+    groups = [(c, g) for c in columns for g in _group_names(models, c)]
+    header = ["model", "examples", "accuracy", "APS"]
+    header += [f"APS {g or '(none)'}" for _, g in groups]
+    header += [f"APS disparity ({c})" for c in columns]
+    header += ["CF mean abs Δp", "CF flip rate", "Spearman(PS, abs Δp)"]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for m in models:
+        s = m["sensitivity"]
+        row = [m["name"], str(m["examples_measured"]), _f(m.get("accuracy")), _f(s["overall"])]
+        row += [_f(s["groups"].get(c, {}).get(g)) for c, g in groups]
+        row += [_f(s["disparity"].get(c)) for c in columns]
+        cf = m["counterfactual"]
+        row += [_f(cf["mean_abs_delta"]), _f(cf["flip_rate"], 3)]
+        row += [_f(m.get("spearman_sensitivity_vs_delta"), 3)]
+        lines.append("| " + " | ".join(row) + " |")
+    lines.append("")
+    if "psm" in result:
+        psm = result["psm"]
+        lines += ["Protected-status model: " + ", ".join(f"{k} {_f(v)}" for k, v in psm.items())]
+        lines.append("")
+    for m in models:
+        top = sorted(m.get("examples", []), key=lambda e: -e["sensitivity"])[:TOP_EXAMPLES]
+        if not top:
+            continue
+        lines += [f"## {m['name']}: the {len(top)} most sensitive examples", ""]
+        lines += ["| text | counterfactual | PS | abs Δp | flipped |", "|---|---|---|---|---|"]
+        for e in top:
+            lines.append(
+                f"| {e['text']} | {e['swapped']} | {_f(e['sensitivity'])} | {_f(e['delta'])} "
+                f"| {'yes' if e['flipped'] else 'no'} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _group_names(models: list[dict[str, Any]], column: str) -> list[str]:
+    names: dict[str, None] = {}
+    for m in models:
+        names.update(dict.fromkeys(m["sensitivity"]["groups"].get(column, {})))
+    return sorted(names)
+
+
+def plot(models: list[dict[str, Any]], path: Path, title: str) -> None:
+    """Per-group APS (left) and the counterfactual gap (right), one bar colour per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = sorted({c for m in models for c in m["sensitivity"]["groups"]})
+    labels = ["all"] + [f"{c}={g}" for c in columns for g in _group_names(models, c)]
+    keys = [None] + [(c, g) for c in columns for g in _group_names(models, c)]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), width_ratios=[2, 1])
+    width = 0.8 / len(models)
+    for i, m in enumerate(models):
+        s = m["sensitivity"]
+        values = [
+            s["overall"] if k is None else s["groups"].get(k[0], {}).get(k[1], np.nan) for k in keys
+        ]
+        left.bar(np.arange(len(keys)) + i * width, values, width, label=m["name"])
+        cf = m["counterfactual"]
+        right.bar(
+            np.arange(2) + i * width,
+            [cf["mean_abs_delta"], cf["flip_rate"]],
+            width,
+            label=m["name"],
+        )
+    left.set_xticks(np.arange(len(keys)) + width * (len(models) - 1) / 2)
+    left.set_xticklabels(labels, rotation=20, ha="right")
+    left.set_ylabel("accumulated prediction sensitivity")
+    left.set_title("APS per group")
+    right.set_xticks(np.arange(2) + width * (len(models) - 1) / 2)
+    right.set_xticklabels(["mean |Δp|", "flip rate"])
+    right.set_title("counterfactual gap")
+    for ax in (left, right):
+        ax.grid(axis="y", alpha=0.3)
+    if len(models) > 1:
+        left.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
