@@ -54,6 +54,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import time
 import typing
 from dataclasses import dataclass, field
@@ -74,7 +75,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from fedtrust.simulations.config import ConfigError, _check_value, parse_override
+from fedtrust.simulations.config import ConfigError, apply, parse_override
 
 from .bold import BoldError, evaluate_bold, load_bold_prompts, sample_prompts
 from .wordpairs import WordPairError, WordPairs, load_word_pairs
@@ -165,34 +166,6 @@ class DistillConfig:
         return dataclasses.asdict(self)
 
 
-def _check(annotation: Any, value: Any, where: str) -> Any:
-    if typing.get_origin(annotation) is list:
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise ConfigError(f"{where}: expected a list of strings, got {value!r}")
-        return list(value)
-    return _check_value(annotation, value, where)
-
-
-def _apply(cfg: DistillConfig, values: dict[str, Any], source: str) -> None:
-    sections = typing.get_type_hints(DistillConfig)
-    for section, entries in values.items():
-        if section not in sections:
-            raise ConfigError(
-                f"{source}: unknown section [{section}] (known: {', '.join(sections)})"
-            )
-        if not isinstance(entries, dict):
-            raise ConfigError(f"{source}: [{section}] must be a table of key = value")
-        target = getattr(cfg, section)
-        types_ = typing.get_type_hints(type(target))
-        for key, value in entries.items():
-            if key not in types_:
-                raise ConfigError(
-                    f"{source}: unknown key {section}.{key} (known: {', '.join(types_)})"
-                )
-            setattr(target, key, _check(types_[key], value, f"{source}: {section}.{key}"))
-            cfg.__dict__.setdefault("_sources", {})[f"{section}.{key}"] = source
-
-
 def load_distill_config(
     path: str | Path | None = None, overrides: list[str] | None = None
 ) -> DistillConfig:
@@ -210,9 +183,9 @@ def load_distill_config(
             data = tomllib.loads(path.read_text())
         except tomllib.TOMLDecodeError as err:
             raise ConfigError(f"{path}: not valid TOML ({err})") from None
-        _apply(cfg, data, str(path))
+        apply(cfg, data, str(path))
     for text in overrides or []:
-        _apply(cfg, parse_override(text), "--set")
+        apply(cfg, parse_override(text), "--set")
     validate_distill(cfg)
     return cfg
 
@@ -608,8 +581,14 @@ def _prepare(
     info: dict[str, Any]
     if t.model:
         console.print(f"loading teacher [bold]{t.model}[/]")
-        tokenizer = AutoTokenizer.from_pretrained(t.model)
-        teacher = AutoModelForCausalLM.from_pretrained(t.model)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(t.model)
+            teacher = AutoModelForCausalLM.from_pretrained(t.model)
+        except OSError as err:
+            raise ConfigError(
+                f"teacher.model = {t.model!r}: not a local model folder and not loadable from "
+                f"the Hugging Face hub (offline? HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE')})"
+            ) from err
         info = {"source": t.model}
     elif (done := _finished(folder, digest)) is not None:
         console.print(f"reusing the teacher in [bold]{folder}[/]")

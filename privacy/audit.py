@@ -194,7 +194,7 @@ def _trained(cfg, task, rows, epsilon, folder: Path, pool, eval_rows, seed, say)
     info_file = folder / "info.json"
     if info_file.is_file():
         say(f"  reusing {folder}")
-        model = type(task.build_model(seed)).from_pretrained(folder)
+        model = _model_class(task).from_pretrained(folder)
         info = json.loads(info_file.read_text())
         scores = dict(np.load(folder / "scores.npz"))
         return {"model": model, "info": info, "scores": scores}
@@ -268,8 +268,6 @@ def audit_canaries(cfg, task) -> tuple[list[Canary], list[dict[str, Any]]]:
 
 def load_run_model(run_dir: Path):
     """(config, task, trained model) of a finished `fedtrust simulate` / `train` run."""
-    from transformers import AutoModelForSequenceClassification, GPT2LMHeadModel
-
     from fedtrust.simulations.runner import load_run_config
     from fedtrust.tasks import build_task
 
@@ -279,8 +277,14 @@ def load_run_model(run_dir: Path):
             f"{run_dir}: no trained model (model/config.json missing; did the run finish?)"
         )
     task = build_task(cfg.task, seed=cfg.run.seed)
-    cls = AutoModelForSequenceClassification if task.kind == "intent" else GPT2LMHeadModel
-    return cfg, task, cls.from_pretrained(run_dir / "model")
+    return cfg, task, _model_class(task).from_pretrained(run_dir / "model")
+
+
+def _model_class(task):
+    """The transformers class a saved model of `task` loads with (no pretrained weights read)."""
+    from transformers import AutoModelForSequenceClassification, GPT2LMHeadModel
+
+    return AutoModelForSequenceClassification if task.kind == "intent" else GPT2LMHeadModel
 
 
 def attack_run(run_dir: Path, attack: str, examples: int = 2000) -> tuple[Path, dict[str, Any]]:

@@ -188,9 +188,12 @@ def _section_types(section_cls: type) -> dict[str, Any]:
     return typing.get_type_hints(section_cls)
 
 
-def apply(cfg: Config, values: dict[str, Any], source: str) -> Config:
-    """Merge a nested mapping {section: {key: value}} into `cfg`, validating every key."""
-    sections = _section_types(Config)
+def apply(cfg: Any, values: dict[str, Any], source: str) -> Any:
+    """Merge a nested mapping {section: {key: value}} into `cfg`, validating every key.
+
+    `cfg` is any dataclass of section dataclasses (this module's Config, or another command's).
+    """
+    sections = _section_types(type(cfg))
     for section, entries in values.items():
         if section not in sections:
             raise ConfigError(

@@ -250,3 +250,12 @@ def test_known_bias_is_detected_and_mitigated(biased_setup: Path) -> None:
     assert again["models"]["student-plain"]["perplexity"] == pytest.approx(
         models["student-plain"]["perplexity"]
     )
+
+
+def test_unreachable_teacher_is_a_config_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ConfigError, match="teacher.model = 'no-such-org/no-such-model'"):
+        run_distill(
+            None,
+            ["teacher.model='no-such-org/no-such-model'", f"run.output_dir='{tmp_path}'"],
+        )
