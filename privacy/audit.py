@@ -85,12 +85,14 @@ def run_audit(cfg, progress: Progress | None = None) -> tuple[Path, dict[str, An
     from transformers import AutoTokenizer
 
     from fedtrust.tasks import build_task
+    from fedtrust.tasks.models import quiet_transformers
 
     from .audit_report import write_audit_report
 
     say = progress or (lambda message: None)
     began = time.perf_counter()
     torch.set_num_threads(max(1, cfg.client.num_cpus))
+    quiet_transformers()
     audit = cfg.audit
     if cfg.task.kind != "intent":
         raise ValueError(
@@ -246,6 +248,7 @@ def _canary_attack(
         num_candidates=audit.canary_candidates,
         seed=seed,
         steps=audit.extraction_steps,
+        search_budget=audit.search_budget,
     )
 
 

@@ -118,8 +118,9 @@ class AuditConfig:
     shadows: int = 4  # LiRA / reference models, each trained on a random half of the pool
     canary_repetitions: list[int] = field(default_factory=lambda: [1, 5, 20])
     canaries_per_level: int = 2
-    canary_candidates: int = 1000  # exposure: secrets ranked against this many random others
+    canary_candidates: int = 10000  # exposure: rank among this many secrets (>= space: exact)
     extraction_steps: int = 150
+    search_budget: int = 10000  # extraction: exact scoring of top-k combinations (10^4 = all)
     eval_examples: int = 1000  # test examples for each model's accuracy
     plant_canaries: bool = False  # simulate/train: plant these canaries in the training data
     canary_device: int = 0  # simulate: the device whose data holds the canaries
@@ -319,3 +320,4 @@ def validate(cfg: Config) -> None:
     )
     require(a.canaries_per_level >= 0, "audit.canaries_per_level", "must be >= 0, got {value}")
     require(a.canary_candidates >= 1, "audit.canary_candidates", "must be >= 1, got {value}")
+    require(a.search_budget >= 1, "audit.search_budget", "must be >= 1, got {value}")
