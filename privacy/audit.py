@@ -28,7 +28,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from .attacks.canary import Canary, canary_report, canary_rows, make_canaries, summarise
+from .attacks.canary import (
+    Canary,
+    canary_report,
+    canary_rows,
+    decoy_rows,
+    make_canaries,
+    summarise,
+)
 from .attacks.metrics import attack_metrics, roc_points
 from .attacks.mia import lira_offline, lira_online, loss_attack, reference_attack
 from .attacks.scores import example_scores
@@ -253,7 +260,8 @@ def _canary_attack(
 
 
 def audit_canaries(cfg, task) -> tuple[list[Canary], list[dict[str, Any]]]:
-    """The canaries `cfg.audit` asks for and their encoded training rows (deterministic)."""
+    """The canaries `cfg.audit` asks for and their encoded training rows (deterministic): each
+    canary `repetitions` times, then `audit.canary_decoys` decoys per prefix (`canary` = -1)."""
     from transformers import AutoTokenizer
 
     audit = cfg.audit
@@ -266,7 +274,11 @@ def audit_canaries(cfg, task) -> tuple[list[Canary], list[dict[str, Any]]]:
         seed=cfg.run.seed,
     )
     tokenizer = AutoTokenizer.from_pretrained(task.model_name)
-    return canaries, canary_rows(canaries, tokenizer, task.labels, cfg.task.max_length)
+    rows = canary_rows(canaries, tokenizer, task.labels, cfg.task.max_length)
+    decoys = decoy_rows(
+        canaries, tokenizer, task.labels, cfg.task.max_length, audit.canary_decoys, cfg.run.seed
+    )
+    return canaries, rows + decoys
 
 
 def load_run_model(run_dir: Path):

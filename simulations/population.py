@@ -81,9 +81,20 @@ def _plant_canaries(cfg: Config, task: Task, parts: list[np.ndarray]) -> list[np
     _, rows = audit_canaries(cfg, task)
     start = len(task.train)
     task.train.extend(rows)
+    index = np.arange(start, start + len(rows))
+    is_decoy = np.array([r["canary"] < 0 for r in rows], dtype=bool)
+    others = [d for d in range(len(parts)) if d != device] or [device]
     parts = list(parts)
-    parts[device] = np.concatenate([parts[device], np.arange(start, start + len(rows))])
-    log.info("planted %d canary rows on device %d", len(rows), device)
+    parts[device] = np.concatenate([parts[device], index[~is_decoy]])
+    for i, row in enumerate(index[is_decoy]):  # decoys: other users, one after another
+        d = others[i % len(others)]
+        parts[d] = np.concatenate([parts[d], [row]])
+    log.info(
+        "planted %d canary rows on device %d, %d decoys on other devices",
+        int((~is_decoy).sum()),
+        device,
+        int(is_decoy.sum()),
+    )
     return parts
 
 

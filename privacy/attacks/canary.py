@@ -7,9 +7,9 @@ secret's length:
 
 - `extract_secret`: model inversion. A continuous relaxation of the secret (per position, a
   softmax over the allowed tokens mixing the model's input embeddings) is optimised by gradient
-  ascent on log p(label | prefix + secret); the most probable tokens per position are then
-  searched exhaustively, and the best sequence refined by coordinate ascent, scoring exact
-  discrete sequences.
+  ascent on the label's log-odds given prefix + secret; the most probable tokens per position
+  are then searched exhaustively, and the best sequence refined by coordinate ascent, scoring
+  exact discrete sequences.
 - `exposure`: the rank of the true secret among all (or sampled) candidate secrets by the same
   score, as in "The Secret Sharer" (Carlini et al., 2019).
 
@@ -77,7 +77,7 @@ class ExtractionResult:
     secret: str  # the extracted secret, tokens joined by spaces
     exact: bool  # every token right
     token_accuracy: float  # fraction of positions right
-    label_logprob: float  # log p(label | prefix + extracted secret)
+    label_log_odds: float  # log p/(1-p) of the label given prefix + extracted secret
 
 
 def make_canaries(
@@ -134,6 +134,55 @@ def canary_rows(
     return rows
 
 
+def decoy_rows(
+    canaries: Sequence[Canary],
+    tokenizer: Any,
+    label_index: LabelIndex,
+    max_length: int,
+    per_prefix: int,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """Other users saying the canaries' prefixes: `per_prefix` rows per distinct prefix, each with
+    a random secret of the same length (never a canary's), all labelled with one label that no
+    canary of that prefix has.
+
+    Without decoys a classifier can map the prefix alone to the canary's label and never look at
+    the secret; with them only the secret tells the canary apart, so what the attacks measure is
+    memorisation of the secret itself (the worst case an audit asks about). `label_index` is the
+    task's label names; decoy rows carry `canary: -1`.
+    """
+    if per_prefix < 0:
+        raise ValueError(f"decoys per prefix must be >= 0, got {per_prefix}")
+    names = list(label_index)  # label names (a mapping iterates over its names)
+    rng = np.random.default_rng([seed, 17])
+    taken = {c.secret for c in canaries}
+    rows: list[dict[str, Any]] = []
+    for prefix_text in dict.fromkeys(c.prefix for c in canaries):
+        group = [c for c in canaries if c.prefix == prefix_text]
+        free = [n for n in names if n not in {c.label for c in group}]
+        if not free:
+            raise ValueError(f"no label left for the decoys of prefix {prefix_text!r}")
+        decoy = Canary(prefix_text, group[0].secret, free[int(rng.integers(len(free)))])
+        label = _label_id(decoy, label_index)
+        prefix, _ = _layout(tokenizer, group[0])
+        alphabet = sorted({t for c in group for t in c.tokens} | set(DIGITS))
+        space = len(alphabet) ** len(decoy.tokens)
+        if per_prefix > space - len(taken):
+            raise ValueError(f"{per_prefix} decoys per prefix do not fit in {space} secrets")
+        made = 0
+        while made < per_prefix:
+            secret = " ".join(rng.choice(alphabet, size=len(decoy.tokens)))
+            if secret in taken:
+                continue
+            taken.add(secret)
+            ids = prefix[:-1] + _token_ids(tokenizer, secret.split(), "decoy") + prefix[-1:]
+            if len(ids) > max_length:
+                raise ValueError(f"decoy {prefix_text!r} is over max_length = {max_length}")
+            rows.append({"input_ids": ids, "labels": label, "canary": -1})
+            made += 1
+    return rows
+
+
 def extract_secret(
     model: nn.Module,
     tokenizer: Any,
@@ -154,7 +203,7 @@ def extract_secret(
     names to ids (default: `model.config.label2id`). Three stages:
 
     1. relaxation: `restarts` random relaxed secrets (per position, a softmax over the allowed
-       tokens mixing their input embeddings) maximise log p(label) together (Adam, `steps`,
+       tokens mixing their input embeddings) maximise the label's log-odds together (Adam, `steps`,
        `lr`), the softmax temperature annealed from 1 to 0.05 so they end near one-hot;
     2. search: every combination of the k most probable tokens per position (mean over the
        restarts; k**length <= `search_budget`) and each restart's argmax decoding are scored
@@ -195,7 +244,7 @@ def extract_secret(
         secret=" ".join(tokenizer.convert_ids_to_tokens(found)),
         exact=right == length,
         token_accuracy=right / length,
-        label_logprob=best_score,
+        label_log_odds=best_score,
     )
 
 
@@ -223,7 +272,7 @@ def _relax(
         temperature = 0.05 ** (step / max(steps - 1, 1))
         mix = torch.softmax(theta / temperature, dim=-1).to(table.dtype) @ candidates  # (R, L, d)
         logits = model(inputs_embeds=torch.cat([head, mix, tail], dim=1)).logits
-        loss = -torch.log_softmax(logits.float(), dim=-1)[:, label].sum()
+        loss = -log_odds(logits, label).sum()
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
@@ -243,13 +292,14 @@ def exposure(
     """Exposure of the secret: log2 |S| - log2 rank (Carlini et al., 2019).
 
     S = all secrets of the canary's length over `alphabet` (None: the whole vocabulary); the
-    score of a candidate is log p(label | prefix + candidate). When |S| <= `num_candidates` (or
-    `num_candidates` is None) every candidate is scored and the rank is exact (ties count half).
-    Otherwise `num_candidates` secrets are drawn uniformly (with replacement, the true secret
-    excluded) and, with g of them scoring above the secret, the rank in S is extrapolated as
-    (g + 1) * |S| / (n + 1), i.e. the secret's position among the n + 1 scores scaled to |S|;
-    exposures above about log2(n + 1) cannot be resolved from n samples. Returns `exposure`,
-    `rank` (in S, possibly fractional), `candidates` (how many were scored) and `space` (|S|).
+    score of a candidate is the label's log-odds given prefix + candidate. When |S| <=
+    `num_candidates` (or `num_candidates` is None) every candidate is scored and the rank is
+    exact (ties count half). Otherwise `num_candidates` secrets are drawn uniformly (with
+    replacement, the true secret excluded) and, with g of them scoring above the secret, the
+    rank in S is extrapolated as (g + 1) * |S| / (n + 1), i.e. the secret's position among the
+    n + 1 scores scaled to |S|; exposures above about log2(n + 1) cannot be resolved from n
+    samples. Returns `exposure`, `rank` (in S, possibly fractional), `candidates` (how many were
+    scored) and `space` (|S|).
     """
     if num_candidates is not None and num_candidates < 1:
         raise ValueError(f"exposure needs num_candidates >= 1 (or None), got {num_candidates}")
@@ -312,7 +362,7 @@ def canary_report(
                 "extracted": found.secret,
                 "exact": found.exact,
                 "token_accuracy": found.token_accuracy,
-                "label_logprob": found.label_logprob,
+                "label_log_odds": found.label_log_odds,
                 "exposure": exp["exposure"],
                 "rank": exp["rank"],
             }
@@ -404,16 +454,28 @@ def _token_ids(tokenizer: Any, tokens: Sequence[str], what: str) -> list[int]:
     return ids
 
 
+def log_odds(logits: torch.Tensor, label: int) -> torch.Tensor:
+    """log p/(1-p) of `label` per row: the logit minus the log-sum-exp of the other logits.
+
+    Unlike log p it does not round to 0 when a memorising model is sure of the label (float32
+    log p is exactly 0 beyond p ~ 1 - 6e-8), so secrets stay ranked and gradients stay alive.
+    """
+    logits = logits.float()
+    others = logits.clone()
+    others[:, label] = float("-inf")
+    return logits[:, label] - torch.logsumexp(others, dim=-1)
+
+
 def _scores(
     model: nn.Module, prefix: list[int], secrets: torch.Tensor, label: int, batch_size: int
 ) -> torch.Tensor:
-    """log p(label | [CLS] prefix secret [SEP]) for each row of `secrets` (token ids)."""
+    """The label's log-odds given [CLS] prefix secret [SEP], for each row of `secrets` (ids)."""
     head = torch.tensor(prefix[:-1], device=secrets.device)
     tail = torch.tensor(prefix[-1:], device=secrets.device)
     out = []
     for chunk in secrets.split(batch_size):
         ids = torch.cat([head.expand(len(chunk), -1), chunk, tail.expand(len(chunk), -1)], dim=1)
-        out.append(torch.log_softmax(model(input_ids=ids).logits.float(), dim=-1)[:, label])
+        out.append(log_odds(model(input_ids=ids).logits, label))
     return torch.cat(out)
 
 

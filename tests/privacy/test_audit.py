@@ -112,3 +112,32 @@ def test_attack_cli_errors_are_one_line(tmp_path):
         result.stdout.split()
     )
     assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_planted_canaries_sit_on_one_device_and_decoys_on_the_others(tiny_bert, intent_jsonl):
+    from fedtrust.simulations.config import load_config
+    from fedtrust.simulations.population import build_population
+
+    cfg = load_config(
+        None,
+        [
+            f'task.dataset="{intent_jsonl}"',
+            f'task.model="{tiny_bert}"',
+            "partition.num_devices=10",
+            "audit.plant_canaries=true",
+            "audit.canary_device=3",
+            "audit.canary_repetitions=[4]",
+            "audit.canaries_per_level=2",
+            "audit.canary_decoys=9",
+        ],
+    )
+    population = build_population(cfg)
+    train = population.task.train
+    holders = {
+        d: [train[i]["canary"] for i in part if "canary" in train[i]]
+        for d, part in enumerate(population.parts)
+    }
+    assert sorted(holders[3]) == [0] * 4 + [1] * 4  # both canaries, 4 times each, one device
+    decoys = [c for d, found in holders.items() if d != 3 for c in found]
+    assert decoys == [-1] * 18  # 9 per prefix (2 templates), on the other devices
+    assert {d for d, found in holders.items() if found and d != 3} == set(range(10)) - {3}

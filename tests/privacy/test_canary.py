@@ -15,6 +15,7 @@ from fedtrust.privacy.attacks.canary import (
     Canary,
     canary_report,
     canary_rows,
+    decoy_rows,
     exposure,
     extract_secret,
     make_canaries,
@@ -149,7 +150,7 @@ def test_exposure_and_extraction_known_answers(tokenizer) -> None:
     )
     assert wrong["rank"] == pytest.approx(2 + 0.5 * 35)  # the truth beats it, 35 others tie
     found = extract_secret(model, tokenizer, canary, search_budget=1, refine_passes=0)
-    assert found.exact and found.label_logprob > math.log(0.9)
+    assert found.exact and found.label_log_odds > math.log(0.9 / 0.1)
     assert model.training and all(p.requires_grad for p in model.parameters())  # restored
 
 
@@ -164,6 +165,30 @@ def test_canary_rows_repeat_each_canary(tokenizer) -> None:
     assert first["labels"] == LABELS.index(canaries[0].label)
     rows[2]["input_ids"].append(0)  # rows are independent copies
     assert rows[3]["input_ids"] != rows[2]["input_ids"]
+
+
+def test_decoys_share_the_prefix_but_never_the_secret_or_the_label(tokenizer) -> None:
+    canaries = [
+        Canary("my pin code is", "1 2 3 4", "alarm", 5),
+        Canary("my pin code is", "4 3 2 1", "pin", 1),
+        Canary("call me on", "5 5 5 5", "alarm", 1),
+    ]
+    rows = decoy_rows(canaries, tokenizer, LABELS, max_length=32, per_prefix=30, seed=3)
+    assert len(rows) == 60 and all(r["canary"] == -1 for r in rows)
+    texts = [tokenizer.decode(r["input_ids"], skip_special_tokens=True) for r in rows]
+    pin = [t for t in texts if t.startswith("my pin code is ")]
+    assert len(pin) == 30 and all(t.startswith("call me on ") for t in texts if t not in pin)
+    secrets = {" ".join(t.split()[-4:]) for t in texts}
+    assert len(secrets) == 60 and not secrets & {c.secret for c in canaries}
+    assert {r["labels"] for r, t in zip(rows, texts) if t in pin} == {LABELS.index("weather")}
+    call_labels = {r["labels"] for r, t in zip(rows, texts) if t not in pin}
+    assert len(call_labels) == 1 and LABELS.index("alarm") not in call_labels
+    assert decoy_rows(canaries, tokenizer, LABELS, 32, per_prefix=30, seed=3) == rows
+    assert decoy_rows(canaries, tokenizer, LABELS, 32, per_prefix=0) == []
+    with pytest.raises(ValueError, match="no label left for the decoys of prefix"):
+        decoy_rows([Canary("a", "1", n) for n in LABELS], tokenizer, LABELS, 32, per_prefix=1)
+    with pytest.raises(ValueError, match="12 decoys per prefix do not fit in 10 secrets"):
+        decoy_rows([Canary("a", "1", "pin")], tokenizer, LABELS, 32, per_prefix=12)
 
 
 def test_bad_canaries_are_clear_errors(tokenizer) -> None:
