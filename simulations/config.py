@@ -118,7 +118,7 @@ class AuditConfig:
     shadows: int = 4  # LiRA / reference models, each trained on a random half of the pool
     canary_repetitions: list[int] = field(default_factory=lambda: [1, 5, 20])
     canaries_per_level: int = 2
-    canary_decoys: int = 50  # per canary prefix: other users saying it with their own secrets
+    canary_decoys: int = 100  # per canary prefix: other users saying it with their own secrets
     canary_candidates: int = 10000  # exposure: rank among this many secrets (>= space: exact)
     extraction_steps: int = 150
     search_budget: int = 10000  # extraction: exact scoring of top-k combinations (10^4 = all)

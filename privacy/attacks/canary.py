@@ -141,15 +141,21 @@ def decoy_rows(
     max_length: int,
     per_prefix: int,
     seed: int = 0,
+    labels_per_prefix: int = 5,
+    orders: int = 5,
 ) -> list[dict[str, Any]]:
-    """Other users saying the canaries' prefixes: `per_prefix` rows per distinct prefix, each with
-    a random secret of the same length (never a canary's), all labelled with one label that no
-    canary of that prefix has.
+    """Other users saying the canaries' prefixes: `per_prefix` rows per distinct prefix with
+    random secrets of the same length (never a canary's), labelled with `labels_per_prefix`
+    labels that no canary of that prefix has.
 
     Without decoys a classifier can map the prefix alone to the canary's label and never look at
     the secret; with them only the secret tells the canary apart, so what the attacks measure is
-    memorisation of the secret itself (the worst case an audit asks about). `label_index` is the
-    task's label names; decoy rows carry `canary: -1`.
+    memorisation of the secret itself (the worst case an audit asks about). Decoys come in groups
+    of up to `orders` orderings of the same random tokens, each under a random one of the
+    prefix's decoy labels: the digits' order carries the label (as it does for real numbers), so
+    a model cannot get by on which digits occur. Nothing depends on the canaries' secrets, so a
+    model trained on decoys alone learns nothing about them. `label_index` is the task's label
+    names; decoy rows carry `canary: -1`.
     """
     if per_prefix < 0:
         raise ValueError(f"decoys per prefix must be >= 0, got {per_prefix}")
@@ -162,24 +168,28 @@ def decoy_rows(
         free = [n for n in names if n not in {c.label for c in group}]
         if not free:
             raise ValueError(f"no label left for the decoys of prefix {prefix_text!r}")
-        decoy = Canary(prefix_text, group[0].secret, free[int(rng.integers(len(free)))])
-        label = _label_id(decoy, label_index)
+        chosen = rng.choice(len(free), size=min(labels_per_prefix, len(free)), replace=False)
+        ids_of = [_label_id(Canary(prefix_text, "0", free[int(k)]), label_index) for k in chosen]
         prefix, _ = _layout(tokenizer, group[0])
+        length = len(group[0].tokens)
         alphabet = sorted({t for c in group for t in c.tokens} | set(DIGITS))
-        space = len(alphabet) ** len(decoy.tokens)
+        space = len(alphabet) ** length
         if per_prefix > space - len(taken):
             raise ValueError(f"{per_prefix} decoys per prefix do not fit in {space} secrets")
         made = 0
         while made < per_prefix:
-            secret = " ".join(rng.choice(alphabet, size=len(decoy.tokens)))
-            if secret in taken:
-                continue
-            taken.add(secret)
-            ids = prefix[:-1] + _token_ids(tokenizer, secret.split(), "decoy") + prefix[-1:]
-            if len(ids) > max_length:
-                raise ValueError(f"decoy {prefix_text!r} is over max_length = {max_length}")
-            rows.append({"input_ids": ids, "labels": label, "canary": -1})
-            made += 1
+            tokens = list(rng.choice(alphabet, size=length))
+            for _ in range(max(1, orders)):
+                secret = " ".join(tokens)
+                if made < per_prefix and secret not in taken:
+                    taken.add(secret)
+                    ids = prefix[:-1] + _token_ids(tokenizer, tokens, "decoy") + prefix[-1:]
+                    if len(ids) > max_length:
+                        raise ValueError(f"decoy {prefix_text!r} is over max_length = {max_length}")
+                    label = ids_of[int(rng.integers(len(ids_of)))]
+                    rows.append({"input_ids": ids, "labels": label, "canary": -1})
+                    made += 1
+                rng.shuffle(tokens)
     return rows
 
 

@@ -182,7 +182,11 @@ def test_decoys_share_the_prefix_but_never_the_secret_or_the_label(tokenizer) ->
     assert len(secrets) == 60 and not secrets & {c.secret for c in canaries}
     assert {r["labels"] for r, t in zip(rows, texts) if t in pin} == {LABELS.index("weather")}
     call_labels = {r["labels"] for r, t in zip(rows, texts) if t not in pin}
-    assert len(call_labels) == 1 and LABELS.index("alarm") not in call_labels
+    assert call_labels == {LABELS.index("pin"), LABELS.index("weather")}  # never "alarm"
+    groups = {}  # decoys come as reorderings of the same digits
+    for secret in secrets:
+        groups.setdefault("".join(sorted(secret.split())), []).append(secret)
+    assert max(len(g) for g in groups.values()) > 1 and len(groups) < 60
     assert decoy_rows(canaries, tokenizer, LABELS, 32, per_prefix=30, seed=3) == rows
     assert decoy_rows(canaries, tokenizer, LABELS, 32, per_prefix=0) == []
     with pytest.raises(ValueError, match="no label left for the decoys of prefix"):
