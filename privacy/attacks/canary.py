@@ -169,7 +169,7 @@ def decoy_rows(
         if not free:
             raise ValueError(f"no label left for the decoys of prefix {prefix_text!r}")
         chosen = rng.choice(len(free), size=min(labels_per_prefix, len(free)), replace=False)
-        ids_of = [_label_id(Canary(prefix_text, "0", free[int(k)]), label_index) for k in chosen]
+        ids_of = [_ids_of_labels(label_index)[free[int(k)]] for k in chosen]
         prefix, _ = _layout(tokenizer, group[0])
         length = len(group[0].tokens)
         alphabet = sorted({t for c in group for t in c.tokens} | set(DIGITS))
@@ -434,12 +434,14 @@ def _layout(tokenizer: Any, canary: Canary) -> tuple[list[int], list[int]]:
     return prefix, secret
 
 
+def _ids_of_labels(label_index: LabelIndex) -> Mapping[str, int]:
+    if isinstance(label_index, Mapping):
+        return label_index
+    return {n: i for i, n in enumerate(label_index)}
+
+
 def _label_id(canary: Canary, label_index: LabelIndex) -> int:
-    index = (
-        label_index
-        if isinstance(label_index, Mapping)
-        else {n: i for i, n in enumerate(label_index)}
-    )
+    index = _ids_of_labels(label_index)
     if canary.label not in index:
         known = sorted(index)
         raise ValueError(
