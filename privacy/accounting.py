@@ -7,6 +7,7 @@ device can persist its history between rounds and get its cumulative ε with `co
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable
 
 from opacus.accountants import IAccountant, create_accountant
@@ -75,6 +76,24 @@ def calibrate_noise(
     tolerance: float = 0.01,
 ) -> float:
     """Smallest noise multiplier so that `history` plus `steps` steps spend ≤ `target_epsilon`."""
+    with warnings.catch_warnings():
+        # large trial noise levels of the search hit the top of Opacus's alpha grid; harmless
+        # there (the ε reported for the chosen noise is computed, and warned about, elsewhere)
+        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+        return _calibrate(
+            target_epsilon, target_delta, sample_rate, steps, accountant, history, tolerance
+        )
+
+
+def _calibrate(
+    target_epsilon: float,
+    target_delta: float,
+    sample_rate: float,
+    steps: int,
+    accountant: str,
+    history: History | None,
+    tolerance: float,
+) -> float:
     if steps < 1:
         raise InvalidPrivacyParameterError(f"planned steps must be >= 1, got {steps}")
     if history and compute_epsilon(history, target_delta, accountant) >= target_epsilon:

@@ -114,3 +114,12 @@ def test_history_carries_over_federated_rounds():
     train(third, stop_after=1, target_epsilon=total + 1.0, target_delta=1e-3, steps=10)
     eps = compute_epsilon(second.accountant.history + [(third.noise_multiplier, 0.1, 10)], 1e-3)
     assert total + 1.0 - 0.05 < eps <= total + 1.0  # calibrated on top of the history
+
+
+def test_calibration_search_does_not_warn_about_its_trial_points():
+    import warnings
+
+    with warnings.catch_warnings():  # Opacus warns on the search's large trial noise levels
+        warnings.simplefilter("error")
+        sigma = calibrate_noise(8.0, 1 / 7600, 32 / 760, 475)
+    assert compute_epsilon([(sigma, 32 / 760, 475)], 1 / 7600) <= 8.0
