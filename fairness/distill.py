@@ -581,6 +581,11 @@ def _prepare(
     info: dict[str, Any]
     if t.model:
         console.print(f"loading teacher [bold]{t.model}[/]")
+        local = Path(t.model).expanduser()
+        if (local.exists() or t.model.startswith((".", "/", "~"))) and not (
+            local / "config.json"
+        ).is_file():  # a path, not a hub id: say so without asking the hub
+            raise ConfigError(f"teacher.model = {t.model!r}: no config.json in that folder")
         try:
             tokenizer = AutoTokenizer.from_pretrained(t.model)
             teacher = AutoModelForCausalLM.from_pretrained(t.model)

@@ -252,10 +252,7 @@ def test_known_bias_is_detected_and_mitigated(biased_setup: Path) -> None:
     )
 
 
-def test_unreachable_teacher_is_a_config_error(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ConfigError, match="teacher.model = 'no-such-org/no-such-model'"):
-        run_distill(
-            None,
-            ["teacher.model='no-such-org/no-such-model'", f"run.output_dir='{tmp_path}'"],
-        )
+def test_a_teacher_folder_without_a_model_is_a_config_error(tmp_path):
+    missing = tmp_path / "no-teacher-here"
+    with pytest.raises(ConfigError, match=r"teacher\.model = .*no-teacher-here.*: no config\.json"):
+        run_distill(None, [f"teacher.model='{missing}'", f"run.output_dir='{tmp_path}'"])
