@@ -75,7 +75,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from fedtrust.simulations.config import ConfigError, apply, parse_override
+from fedtrust.simulations.config import ConfigError, load_sections, requirement
 
 from .bold import BoldError, evaluate_bold, load_bold_prompts, sample_prompts
 from .wordpairs import WordPairError, WordPairs, load_word_pairs
@@ -170,38 +170,14 @@ def load_distill_config(
     path: str | Path | None = None, overrides: list[str] | None = None
 ) -> DistillConfig:
     """Defaults, then the TOML file (a path or a bundled name), then each `--set` override."""
-    import tomllib
-
-    cfg = DistillConfig()
-    if path is not None:
-        path = Path(path)
-        if not path.exists() and (BUNDLED_CONFIGS / f"{path}.toml").is_file():
-            path = BUNDLED_CONFIGS / f"{path}.toml"
-        if not path.is_file():
-            raise ConfigError(f"{path}: config file not found")
-        try:
-            data = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as err:
-            raise ConfigError(f"{path}: not valid TOML ({err})") from None
-        apply(cfg, data, str(path))
-    for text in overrides or []:
-        apply(cfg, parse_override(text), "--set")
+    cfg = load_sections(DistillConfig(), path, overrides, BUNDLED_CONFIGS)
     validate_distill(cfg)
     return cfg
 
 
 def validate_distill(cfg: DistillConfig) -> None:
     """Range checks; every error names where the value came from, the key and the value."""
-    sources = cfg.__dict__.get("_sources", {})
-
-    def require(ok: bool, key: str, message: str) -> None:
-        if not ok:
-            section, name = key.split(".")
-            value = getattr(getattr(cfg, section), name)
-            raise ConfigError(
-                f"{sources.get(key, 'default')}: {key}: {message.format(value=repr(value))}"
-            )
-
+    require = requirement(cfg, show=repr)
     d, t, s, k, b, r = cfg.data, cfg.teacher, cfg.student, cfg.distill, cfg.bold, cfg.run
     require(
         d.corpus == "shakespeare" or Path(d.corpus).is_file(),

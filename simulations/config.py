@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import tomllib
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
@@ -233,11 +234,18 @@ def parse_override(text: str) -> dict[str, Any]:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Defaults, then the TOML file, then each `--set` override; validated at the end."""
-    cfg = Config()
+    cfg = load_sections(Config(), path, overrides, BUNDLED)
+    validate(cfg)
+    return cfg
+
+
+def load_sections(cfg: Any, path: str | Path | None, overrides: list[str] | None, bundled: Path):
+    """`cfg` (a dataclass of sections) updated by the TOML file (a path, or a config name in
+    `bundled`, e.g. `shakespeare`), then by each `--set section.key=value` override."""
     if path is not None:
         path = Path(path)
-        if not path.exists() and (BUNDLED / f"{path}.toml").is_file():
-            path = BUNDLED / f"{path}.toml"  # a bundled config by name, e.g. `shakespeare`
+        if not path.exists() and (bundled / f"{path}.toml").is_file():
+            path = bundled / f"{path}.toml"
         if not path.is_file():
             raise ConfigError(f"{path}: config file not found")
         try:
@@ -247,8 +255,24 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         apply(cfg, data, str(path))
     for text in overrides or []:
         apply(cfg, parse_override(text), "--set")
-    validate(cfg)
     return cfg
+
+
+def requirement(
+    cfg: Any, show: Callable[[Any], Any] = lambda value: value
+) -> Callable[[bool, str, str], None]:
+    """`require(ok, "section.key", message)`: a ConfigError naming where the value came from,
+    the key and the value (`{value}` in `message`, shown through `show`) unless `ok`."""
+    sources = cfg.__dict__.get("_sources", {})
+
+    def require(ok: bool, key: str, message: str) -> None:
+        if not ok:
+            section, name = key.split(".")
+            value = getattr(getattr(cfg, section), name)
+            where = sources.get(key, "default")
+            raise ConfigError(f"{where}: {key}: {message.format(value=show(value))}")
+
+    return require
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:
@@ -260,15 +284,7 @@ def config_from_dict(data: dict[str, Any]) -> Config:
 
 def validate(cfg: Config) -> None:
     """Range checks that a type alone cannot express; errors name where the value came from."""
-    sources = cfg.__dict__.get("_sources", {})
-
-    def require(ok: bool, key: str, message: str) -> None:
-        if not ok:
-            section, name = key.split(".")
-            value = getattr(getattr(cfg, section), name)
-            where = sources.get(key, "default")
-            raise ConfigError(f"{where}: {key}: {message.format(value=value)}")
-
+    require = requirement(cfg)
     p, d, s, c, v, t = cfg.partition, cfg.devices, cfg.selection, cfg.client, cfg.server, cfg.task
     require(p.num_devices >= 1, "partition.num_devices", "must be >= 1, got {value}")
     require(p.alpha > 0, "partition.alpha", "must be > 0, got {value}")
