@@ -160,6 +160,7 @@ def decoy_rows(
     if per_prefix < 0:
         raise ValueError(f"decoys per prefix must be >= 0, got {per_prefix}")
     names = list(label_index)  # label names (a mapping iterates over its names)
+    label_ids = _ids_of_labels(label_index)
     rng = np.random.default_rng([seed, 17])
     taken = {c.secret for c in canaries}
     rows: list[dict[str, Any]] = []
@@ -169,7 +170,7 @@ def decoy_rows(
         if not free:
             raise ValueError(f"no label left for the decoys of prefix {prefix_text!r}")
         chosen = rng.choice(len(free), size=min(labels_per_prefix, len(free)), replace=False)
-        ids_of = [_ids_of_labels(label_index)[free[int(k)]] for k in chosen]
+        ids_of = [label_ids[free[int(k)]] for k in chosen]
         prefix, _ = _layout(tokenizer, group[0])
         length = len(group[0].tokens)
         alphabet = sorted({t for c in group for t in c.tokens} | set(DIGITS))
