@@ -16,6 +16,18 @@ from opacus.accountants.utils import MAX_SIGMA, get_noise_multiplier
 from .errors import BudgetTooSmallError, InvalidPrivacyParameterError
 
 ACCOUNTANTS = ("rdp", "prv", "gdp")
+DEFAULT_DELTA_CAP = 1e-5
+
+
+def default_delta(num_units: int) -> float:
+    """fedtrust's default δ for N protected units (examples or devices): min(1e-5, 0.01 / N).
+
+    Always at least 100x below 1/N, so no unit's data may be released outright with
+    probability close to δ·N.
+    """
+    if num_units < 1:
+        raise InvalidPrivacyParameterError(f"need at least one example or device, got {num_units}")
+    return min(DEFAULT_DELTA_CAP, 0.01 / num_units)
 History = list[tuple[float, float, int]]
 
 

@@ -18,6 +18,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 from torch.utils.data._utils.collate import default_collate
 
+from .noise import fresh_generator
+
 if TYPE_CHECKING:
     from .optimizer import DPOptimizer
 
@@ -33,13 +35,18 @@ class _EmptySafeCollate:
 
 
 def poisson_loader(data_loader: DataLoader, generator: torch.Generator | None = None) -> DataLoader:
-    """A loader over the same dataset drawing Poisson batches with q = 1 / len(data_loader)."""
+    """A loader over the same dataset drawing Poisson batches with q = 1 / len(data_loader).
+
+    Batches are drawn with `generator` if given, else with a generator seeded from OS entropy:
+    never with the user loader's own generator, since whoever knows which samples were in a
+    batch removes the amplification by subsampling that the accountant counts on.
+    """
     if isinstance(data_loader.dataset, IterableDataset):
         raise ValueError("Poisson sampling needs a map-style dataset, not an IterableDataset")
     sampler = UniformWithReplacementSampler(
         num_samples=len(data_loader.dataset),  # type: ignore[arg-type]
         sample_rate=1 / len(data_loader),
-        generator=generator if generator is not None else data_loader.generator,
+        generator=generator if generator is not None else fresh_generator(),
     )
     return DataLoader(
         data_loader.dataset,

@@ -12,6 +12,9 @@ from torch.optim import Optimizer
 
 from .clipping import CLIPPING_MODES, clip_factors, clipped_sum, per_sample_norms
 from .grad_sample import PerSampleHooks
+from .noise import fresh_generator
+
+ClippedSumHook = Callable[[list[torch.nn.Parameter], dict[int, Tensor]], None]
 
 
 class DPOptimizer(Optimizer):
@@ -21,6 +24,12 @@ class DPOptimizer(Optimizer):
     summed (no per-sample gradient is materialised for Linear/Embedding layers). On the last
     micro-batch of a logical batch it then adds N(0, (σC)²) noise to the sum, divides by the
     expected batch size, writes ``p.grad`` and calls the wrapped optimizer's ``step()``.
+
+    Noise comes from `generator` when one is given (reproducible, and replayable by whoever
+    holds its seed); by default every step draws from a fresh generator seeded from OS entropy
+    (`fedtrust.privacy.noise`). `clipped_sum_hook(params, sums)`, if set, may add to the clipped
+    sums just before the noise (the one-run audit's gradient canaries); `sums` maps ``id(p)`` to
+    the sum and may lack parameters that no sample touched.
     """
 
     def __init__(
@@ -49,6 +58,7 @@ class DPOptimizer(Optimizer):
         self.clipping = clipping
         self.loss_reduction = loss_reduction
         self.generator = generator
+        self.clipped_sum_hook: ClippedSumHook | None = None
         self._before_step = before_step
         self._after_step = after_step
         self._summed: dict[int, Tensor] = {}
@@ -164,12 +174,18 @@ class DPOptimizer(Optimizer):
             raise
         std = self.noise_multiplier * self.max_grad_norm
         denom = self.expected_batch_size if self.loss_reduction == "mean" else 1.0
-        for p in self._params():
+        params = self._params()
+        if self.clipped_sum_hook is not None:
+            self.clipped_sum_hook(params, self._summed)
+        generator = self.generator
+        for p in params:
             s = self._summed.get(id(p))
             if s is None:
                 s = torch.zeros_like(p, memory_format=torch.contiguous_format)
             if std > 0:
-                self._add_noise(s, std)
+                if generator is None:
+                    generator = fresh_generator(s.device)
+                self._add_noise(s, std, generator)
             p.grad = s.div_(denom).to(p.dtype)
         self.last_batch_samples = self._samples
         self._summed, self._samples = {}, 0
@@ -178,12 +194,15 @@ class DPOptimizer(Optimizer):
             self._after_step()
         return out
 
-    def _add_noise(self, s: Tensor, std: float, chunk: int = 1 << 22) -> None:
+    @staticmethod
+    def _add_noise(
+        s: Tensor, std: float, generator: torch.Generator, chunk: int = 1 << 22
+    ) -> None:
         """s += N(0, std²) elementwise, drawn in chunks so big tables need no full-size copy."""
         flat = s.view(-1)
         for start in range(0, flat.numel(), chunk):
             part = flat[start : start + chunk]
-            part.add_(torch.empty_like(part).normal_(0.0, std, generator=self.generator))
+            part.add_(torch.empty_like(part).normal_(0.0, std, generator=generator))
 
     def noise_only_step(self) -> Any:
         """A step for an empty logical batch: noise only, counted by the accountant."""

@@ -97,12 +97,14 @@ class PrivacyConfig:
 
     level: Literal["sample", "user"] = "sample"  # DP-SGD on each device, or DP-FedAvg on the server
     target_epsilon: float = 0.0
-    target_delta: float = 0.0  # 0 = 1 / (10 N), N = examples (sample level) or devices (user level)
+    target_delta: float = 0.0  # 0 = default_delta(N): min(1e-5, 0.01 / N), N examples or devices
     noise_multiplier: float = 0.0  # used as given when target_epsilon = 0
     max_grad_norm: float = 1.0  # C: per-example gradient (sample) or per-device update (user)
     clipping: Literal["flat", "automatic"] = "flat"
-    accountant: Literal["rdp", "prv"] = "rdp"
+    accountant: Literal["pld", "rdp", "prv"] = "pld"
     participations: int = 0  # sample level: participations a device budgets for (0 = auto)
+    max_inclusion: float = 0.0  # user level, activity selection: public cap q_max (0 = 2k/N)
+    reproducible_noise: bool = False  # seed the noise from run.seed: NO privacy against its holder
 
     @property
     def enabled(self) -> bool:
