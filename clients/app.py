@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedtrust.privacy.accounting import default_delta
 from fedtrust.tasks import load_trainable_state, trainable_state
 
+from .budget import STATE_DIR, BudgetStore, DeviceBudget, planned_participations
 from .train import LocalDP, train_local
 
 app = ClientApp()
@@ -68,39 +71,73 @@ def train(msg: Message, context: Context) -> Message:
     model = _model(population, cfg.run.seed)
     load_trainable_state(model, msg.content["arrays"].to_torch_state_dict())
     seed = hash((cfg.run.seed, server_round, device)) % 2**31
-    dp = _local_dp(cfg, msg, device, len(population.parts[device]))
-    metrics = train_local(model, population.task, rows, cfg.client, seed, dp)
-    info = {"device": device, "available": len(rows)}
-    if dp is not None:
-        info["epsilon"] = float(metrics.pop("epsilon"))
-        info["noise-multiplier"] = float(metrics.pop("noise_multiplier"))
-        info["history"] = json.dumps(metrics.pop("history"))
-        info["budget-exhausted"] = bool(metrics.pop("budget_exhausted", False))
+    info: dict = {"device": device, "available": len(rows)}  # counts are public metadata
+    if not _sample_level_dp(cfg):
+        result = train_local(model, population.task, rows, cfg.client, seed)
+        metrics = {"num-examples": len(rows)}
+        if not cfg.privacy.enabled:  # under user-level DP the loss is not covered either
+            metrics["train_loss"] = result.train_loss
+    else:
+        # Under DP only what the mechanism covers leaves the device: the noised update, and
+        # public facts (its budget state is a function of the public config and counts).
+        store = BudgetStore(_state_dir(cfg, context))
+        budget = store.load(device)
+        dp = _local_dp(cfg, budget, population.size, len(population.parts[device]))
+        result = train_local(model, population.task, rows, cfg.client, seed, dp)
+        budget.record(server_round, result.spent, replace=dp.reproducible)
+        budget.exhausted = result.budget_exhausted or budget.participations >= _planned(
+            cfg, population.size
+        )
+        store.save(budget)
+        info.update(
+            epsilon=result.epsilon,
+            delta=dp.delta,
+            participations=budget.participations,
+            **{"noise-multiplier": result.noise_multiplier},
+            **{"budget-exhausted": budget.exhausted},
+        )
+        metrics = {}
     reply = RecordDict(
         {
             "arrays": ArrayRecord({k: v.clone() for k, v in trainable_state(model).items()}),
-            "metrics": MetricRecord({"num-examples": len(rows), **metrics}),
+            "metrics": MetricRecord(metrics),
             "device": ConfigRecord(info),
         }
     )
     return Message(reply, reply_to=msg)
 
 
-def _local_dp(cfg, msg: Message, device: int, num_examples: int) -> LocalDP | None:
-    """Sample-level DP settings, with the device's accountant history kept by the server."""
+def _sample_level_dp(cfg) -> bool:
+    return cfg.privacy.enabled and cfg.privacy.level == "sample"
+
+
+def _state_dir(cfg, context: Context) -> Path:
+    """The device's own persistent storage: node config `state-dir` on a real device, the run
+    folder's `devices/` in a simulation."""
+    if "state-dir" in context.node_config:
+        return Path(str(context.node_config["state-dir"]))
+    return Path(cfg.run.output_dir) / cfg.run.name / STATE_DIR
+
+
+def _planned(cfg, num_devices: int) -> int:
     p = cfg.privacy
-    if not (p.enabled and p.level == "sample"):
-        return None
-    config = msg.content["config"]
-    devices = json.loads(str(config["privacy-devices"])) if "privacy-devices" in config else {}
-    state = devices.get(str(device), {})
+    if p.participations:
+        return p.participations
+    return planned_participations(cfg.server.rounds, cfg.selection.devices_per_round, num_devices)
+
+
+def _local_dp(cfg, budget: DeviceBudget, num_devices: int, num_examples: int) -> LocalDP:
+    """Sample-level DP settings from the public config and the device's own budget."""
+    p = cfg.privacy
     return LocalDP(
         max_grad_norm=p.max_grad_norm,
-        delta=p.target_delta or 1 / (10 * num_examples),
+        delta=p.target_delta or default_delta(num_examples),
         target_epsilon=p.target_epsilon,
         noise_multiplier=p.noise_multiplier,
-        participations_left=int(state.get("left", 1)),
+        participations_left=max(_planned(cfg, num_devices) - budget.participations, 1),
         clipping=p.clipping,
         accountant=p.accountant,
-        history=[tuple(h) for h in state.get("history", [])],
+        relation="replace-one",
+        reproducible=p.reproducible_noise,
+        history=budget.history(),
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -10,6 +11,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from fedtrust.privacy.attacks.one_run import GradientCanaries
 from fedtrust.tasks import Task
 
 
@@ -35,7 +37,12 @@ def make_optimizer(
 
 @dataclass
 class LocalDP:
-    """Sample-level DP for one participation of one device."""
+    """Sample-level DP for one participation of one device.
+
+    `reproducible`: noise and Poisson batches from the training seed (replayable by anyone who
+    knows it); otherwise both come from OS entropy. `history` is the device's own record of
+    what it released before (its accountant history).
+    """
 
     max_grad_norm: float
     delta: float
@@ -43,8 +50,23 @@ class LocalDP:
     noise_multiplier: float = 0.0
     participations_left: int = 1  # this one included
     clipping: str = "flat"
-    accountant: str = "rdp"
+    accountant: str = "pld"
+    relation: str = "replace-one"
+    reproducible: bool = False
     history: list[tuple[float, float, int]] = field(default_factory=list)
+    canaries: GradientCanaries | None = None  # the one-run audit's white-box canaries
+
+
+@dataclass
+class LocalResult:
+    """What local training did; under DP, `spent` holds this participation's releases."""
+
+    train_loss: float = float("nan")
+    steps: int = 0
+    epsilon: float = 0.0
+    noise_multiplier: float = 0.0
+    spent: list[tuple[float, float, int]] = field(default_factory=list)
+    budget_exhausted: bool = False
 
 
 def train_local(
@@ -54,53 +76,58 @@ def train_local(
     cfg,
     seed: int,
     dp: LocalDP | None = None,
-) -> dict[str, Any]:
-    """`cfg.epochs` passes over `rows` (or exactly `cfg.steps` steps); returns training metrics.
+) -> LocalResult:
+    """`cfg.epochs` passes over `rows` (or exactly `cfg.steps` steps).
 
     With `dp`, batches are Poisson-sampled and every step is clipped and noised by fedtrust's
-    eDP-SGD engine; the metrics then include the device's cumulative `epsilon` and the updated
-    accountant `history`.
+    eDP-SGD engine; each sample's loss is its own (a per-row mean over its own tokens, summed
+    over rows), so adding or removing a row never rescales the others' gradients.
     """
     torch.manual_seed(seed)
     optimizer = make_optimizer(model, cfg, task.head_prefixes)
     model.train()
+    result = LocalResult()
     if dp is None:
         rng = np.random.default_rng(seed)
         epochs = cfg.epochs if cfg.steps == 0 else 10**9
         batches = (b for _ in range(epochs) for b in task.batches(rows, cfg.batch_size, rng))
-        return _loop(model, optimizer, batches, cfg.steps)
-    return _train_private(model, optimizer, task, rows, cfg, seed, dp)
+        _loop(model, optimizer, batches, cfg.steps, lambda b: model(**b).loss, "mean", result)
+        return result
+    _train_private(model, optimizer, task, rows, cfg, seed, dp, result)
+    return result
 
 
-def _loop(model, optimizer, batches, max_steps: int) -> dict[str, Any]:
-    steps, loss_sum, seen = 0, 0.0, 0
+def _loop(model, optimizer, batches, max_steps: int, loss_of, reduction: str, result) -> None:
+    """Train on `batches`; `result` holds the loss and steps so far even if a step raises."""
+    loss_sum, seen = 0.0, 0
     for batch in batches:
-        loss = model(**batch).loss
+        loss = loss_of(batch)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         n = len(batch["input_ids"])
-        loss_sum += loss.detach().item() * n
+        loss_sum += loss.detach().item() * (n if reduction == "mean" else 1)
         seen += n
-        steps += 1
-        if steps == max_steps:
+        result.steps += 1
+        result.train_loss = loss_sum / max(seen, 1)
+        if result.steps == max_steps:
             break
-    return {"train_loss": loss_sum / max(seen, 1), "steps": float(steps)}
 
 
-def _train_private(model, optimizer, task, rows, cfg, seed, dp: LocalDP) -> dict[str, Any]:
+def sample_rate(num_rows: int, batch_size: int) -> float:
+    """The Poisson sampling rate of local DP-SGD: one expected batch of `batch_size` rows."""
+    return 1 / math.ceil(num_rows / min(batch_size, num_rows))
+
+
+def _train_private(model, optimizer, task, rows, cfg, seed, dp: LocalDP, result) -> None:
     from fedtrust.privacy import PrivacyBudgetExhausted, PrivacyEngine
 
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed) if dp.reproducible else None
     loader = DataLoader(
-        rows,
-        batch_size=min(cfg.batch_size, len(rows)),
-        shuffle=True,
-        collate_fn=task.collate,
-        generator=generator,
+        rows, batch_size=min(cfg.batch_size, len(rows)), shuffle=True, collate_fn=task.collate
     )
     steps_now = cfg.steps or cfg.epochs * len(loader)
-    engine = PrivacyEngine(accountant=dp.accountant, history=dp.history)
+    engine = PrivacyEngine(accountant=dp.accountant, history=dp.history, relation=dp.relation)
     budget: dict[str, Any] = {"noise_multiplier": dp.noise_multiplier or None}
     if dp.target_epsilon > 0:
         budget.update(
@@ -114,20 +141,31 @@ def _train_private(model, optimizer, task, rows, cfg, seed, dp: LocalDP) -> dict
         data_loader=loader,
         max_grad_norm=dp.max_grad_norm,
         clipping=dp.clipping,
+        loss_reduction="sum",
         noise_generator=generator,
         **budget,
     )
     epochs = cfg.epochs if cfg.steps == 0 else 10**9
-    result: dict[str, Any] = {"train_loss": float("nan"), "steps": 0.0}
+    batches = (b for _ in range(epochs) for b in loader)
+    if dp.canaries is not None:
+        dp.canaries.attach(optimizer)
     try:
-        result = _loop(model, optimizer, (b for _ in range(epochs) for b in loader), cfg.steps)
+        _loop(
+            model,
+            optimizer,
+            batches,
+            cfg.steps,
+            lambda b: task.sample_losses(model, b).sum(),
+            "sum",
+            result,
+        )
     except PrivacyBudgetExhausted:
-        result["budget_exhausted"] = True
+        result.budget_exhausted = True
     finally:
         engine.detach()
-    result.update(
-        epsilon=engine.get_epsilon(dp.delta),
-        noise_multiplier=engine.noise_multiplier,
-        history=[list(h) for h in engine.accountant.history],
-    )
-    return result
+        if dp.canaries is not None:
+            dp.canaries.detach()
+    result.epsilon = engine.get_epsilon(dp.delta)
+    result.noise_multiplier = float(engine.noise_multiplier or 0.0)
+    if engine.steps:  # one participation: one noise level, one sample rate
+        result.spent = [(result.noise_multiplier, float(engine.sample_rate), engine.steps)]

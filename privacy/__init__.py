@@ -3,7 +3,7 @@
 Three lines::
 
     from fedtrust.privacy import PrivacyEngine
-    engine = PrivacyEngine(accountant="rdp")
+    engine = PrivacyEngine()  # dp-accounting PLD accountant, add/remove neighbours
     model, optimizer, loader = engine.make_private(module=model, optimizer=optimizer,
         data_loader=loader, target_epsilon=8.0, target_delta=1e-5, epochs=3, max_grad_norm=1.0)
 
@@ -11,7 +11,14 @@ The training loop stays ``loss = model(**batch).loss; loss.backward(); optimizer
 optimizer.zero_grad()``.
 """
 
-from .accounting import calibrate_noise, compute_epsilon, device_epsilon, max_steps
+from .accounting import (
+    RELATIONS,
+    calibrate_noise,
+    compute_epsilon,
+    default_delta,
+    device_epsilon,
+    max_steps,
+)
 from .aggregation import add_gaussian_noise, clip_and_noise, clip_update, noisy_mean, update_norm
 from .clipping import clip_factors, clipped_sum, per_sample_norms
 from .data import DPDataLoader, poisson_loader
@@ -25,6 +32,7 @@ from .errors import (
 )
 from .functional import per_sample_gradients
 from .grad_sample import PerSampleHooks
+from .noise import fresh_generator
 from .optimizer import DPOptimizer
 
 __all__ = [
@@ -37,6 +45,7 @@ __all__ = [
     "PrivacyEngine",
     "PrivacyError",
     "PrivacySpent",
+    "RELATIONS",
     "UnsupportedModuleError",
     "add_gaussian_noise",
     "calibrate_noise",
@@ -45,7 +54,9 @@ __all__ = [
     "clip_update",
     "clipped_sum",
     "compute_epsilon",
+    "default_delta",
     "device_epsilon",
+    "fresh_generator",
     "max_steps",
     "noisy_mean",
     "per_sample_gradients",

@@ -15,8 +15,9 @@ folder reuses them, so a stopped audit loses at most the model it was training.
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import json
+import math
 import time
 import warnings
 from collections.abc import Callable
@@ -28,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .accounting import default_delta
 from .attacks.canary import (
     Canary,
     canary_report,
@@ -38,6 +40,7 @@ from .attacks.canary import (
 )
 from .attacks.metrics import attack_metrics, roc_points
 from .attacks.mia import lira_offline, lira_online, loss_attack, reference_attack
+from .attacks.one_run import GradientCanaries, audit_from_losses, split_canaries
 from .attacks.scores import example_scores
 
 Progress = Callable[[str], None]
@@ -116,8 +119,9 @@ def run_audit(cfg, progress: Progress | None = None) -> tuple[Path, dict[str, An
     task = build_task(cfg.task, seed=cfg.run.seed)
     rng = np.random.default_rng(cfg.run.seed)
     pool = _pool(task.train, audit.examples, rng)
-    is_member = np.zeros(len(pool), dtype=bool)
-    is_member[rng.permutation(len(pool))[: len(pool) // 2]] = True
+    # each pool example a member independently with probability 1/2: the pool doubles as the
+    # one-run audit's input-space canaries
+    is_member = split_canaries(len(pool), rng)
     check_disjoint(
         [pool[i] for i in np.flatnonzero(is_member)], [r for r, m in zip(pool, is_member) if not m]
     )
@@ -147,6 +151,7 @@ def run_audit(cfg, progress: Progress | None = None) -> tuple[Path, dict[str, An
         trained = _trained(cfg, task, members, epsilon, folder, pool, eval_rows, 0, say)
         say(f"attacking the {label} model")
         mia = membership_inference(trained["scores"], is_member, shadows, shadow_in)
+        one_run = _one_run(trained["info"], trained["scores"], is_member, len(members))
         canary = _canary_attack(
             trained["model"], tokenizer, canaries, task.labels, audit, cfg.run.seed
         )
@@ -156,16 +161,24 @@ def run_audit(cfg, progress: Progress | None = None) -> tuple[Path, dict[str, An
                 "label": label,
                 "achieved_epsilon": trained["info"].get("epsilon"),
                 "delta": trained["info"].get("delta"),
+                "relation": trained["info"].get("relation"),
+                "accountant": trained["info"].get("accountant"),
                 "noise_multiplier": trained["info"].get("noise_multiplier"),
                 "test": trained["info"]["test"],
                 "train_seconds": trained["info"]["seconds"],
                 "mia": mia,
+                "one_run": one_run,
                 "canaries": canary,
                 "canary_summary": {str(k): v for k, v in summarise(canary).items()}
                 if canary
                 else {},
             }
         )
+    federated = (
+        [_federated_level(cfg, epsilon, out_dir, say) for epsilon in audit.epsilons if epsilon > 0]
+        if audit.federated_rounds
+        else []
+    )
     report = {
         "dataset": cfg.task.dataset,
         "model": cfg.task.model,
@@ -177,6 +190,7 @@ def run_audit(cfg, progress: Progress | None = None) -> tuple[Path, dict[str, An
         "epochs": audit.epochs,
         "canaries": [asdict(c) for c in canaries],
         "levels": levels,
+        "federated": federated,
         "seconds": time.perf_counter() - began,
     }
     write_audit_report(report, out_dir)
@@ -198,7 +212,7 @@ def _pool(rows: list[dict], size: int, rng: np.random.Generator) -> list[dict]:
 
 def _trained(cfg, task, rows, epsilon, folder: Path, pool, eval_rows, seed, say) -> dict[str, Any]:
     """Train one model (or reload it from `folder`), with its scores on the pool."""
-    from fedtrust.clients.train import LocalDP, train_local
+    from fedtrust.clients.train import LocalDP, sample_rate, train_local
 
     info_file = folder / "info.json"
     if info_file.is_file():
@@ -209,25 +223,40 @@ def _trained(cfg, task, rows, epsilon, folder: Path, pool, eval_rows, seed, say)
         return {"model": model, "info": info, "scores": scores}
     t0 = time.perf_counter()
     model = task.build_model(cfg.run.seed + seed)
-    local = copy.copy(cfg.client)
-    local.epochs, local.steps = cfg.audit.epochs, 0
+    local = dataclasses.replace(cfg.client, epochs=cfg.audit.epochs, steps=0)
     dp = None
     if epsilon > 0:
         p = cfg.privacy
         dp = LocalDP(
             max_grad_norm=p.max_grad_norm,
-            delta=p.target_delta or 1 / (10 * len(rows)),
+            delta=p.target_delta or default_delta(len(rows)),
             target_epsilon=epsilon,
             clipping=p.clipping,
             accountant=p.accountant,
+            relation="replace-one",
+            reproducible=p.reproducible_noise,
         )
+        if cfg.audit.one_run_canaries:
+            dp.canaries = GradientCanaries(
+                list(model.parameters()),
+                cfg.audit.one_run_canaries,
+                p.max_grad_norm,
+                sample_rate(len(rows), local.batch_size),
+            )
     result = train_local(model, task, rows, local, cfg.run.seed + seed, dp)
     info = {
         "examples": len(rows),
-        "epsilon": result.get("epsilon"),
-        "noise_multiplier": result.get("noise_multiplier"),
+        "epsilon": result.epsilon if dp else None,
+        "noise_multiplier": result.noise_multiplier if dp else None,
         "delta": dp.delta if dp else None,
-        "train_loss": result["train_loss"],
+        "relation": "replace-one example" if dp else None,
+        "accountant": dp.accountant if dp else None,
+        "train_loss": result.train_loss,
+        "white_box": dp.canaries.audit(dp.delta).report(
+            result.epsilon, "white-box gradient canaries in DP-SGD"
+        )
+        if dp is not None and dp.canaries is not None
+        else None,
         "test": task.evaluate(model, eval_rows, cfg.server.eval_batch_size),
         "seconds": time.perf_counter() - t0,
     }
@@ -240,6 +269,53 @@ def _trained(cfg, task, rows, epsilon, folder: Path, pool, eval_rows, seed, say)
         f"test {task.primary_metric} {info['test'][task.primary_metric]:.3f}"
     )
     return {"model": model, "info": info, "scores": scores}
+
+
+def _federated_level(cfg, epsilon: float, out_dir: Path, say: Progress) -> dict[str, Any]:
+    """User-level DP-FedAvg at `epsilon` with canary devices: claimed against audited ε.
+
+    A finished simulation in the audit folder is reused (its summary), like the trained models.
+    """
+    from fedtrust.simulations.runner import simulate
+
+    folder = out_dir / "federated" / f"user-eps{epsilon:g}"
+    summary_file = folder / "summary.json"
+    if summary_file.is_file():
+        say(f"  reusing {folder}")
+        summary = json.loads(summary_file.read_text())
+    else:
+        say(f"federated run, user-level DP ε = {epsilon:g}, {cfg.audit.federated_rounds} rounds")
+        private = dataclasses.replace(
+            cfg.privacy,
+            level="user",
+            target_epsilon=epsilon,
+            noise_multiplier=0.0,
+            target_delta=0.0,
+            audit_canaries=cfg.audit.one_run_canaries or 1000,
+        )
+        run = dataclasses.replace(cfg.run, output_dir=str(folder.parent), name=folder.name)
+        server = dataclasses.replace(cfg.server, rounds=cfg.audit.federated_rounds)
+        federated = dataclasses.replace(cfg, privacy=private, run=run, server=server)
+        _, summary = simulate(federated)
+    return {
+        "label": f"user-level ε = {epsilon:g}",
+        "test": summary["final"],
+        "privacy": {k: v for k, v in summary["privacy"].items() if k != "audit"},
+        "one_run": summary["privacy"]["audit"],
+    }
+
+
+def _one_run(
+    info: dict[str, Any], scores: dict[str, np.ndarray], is_member: np.ndarray, n: int
+) -> dict[str, Any]:
+    """Claimed ε against one-run audit lower bounds: the pool's members as input-space canaries
+    (black box: their losses), and the target's white-box gradient canaries when it has DP."""
+    claimed = info["epsilon"] if info["epsilon"] is not None else math.inf
+    delta = info["delta"] or default_delta(n)
+    black_box = audit_from_losses(scores["loss"], is_member, delta).report(
+        claimed, "input-space canaries (the audit pool, members by coin flip)"
+    )
+    return {"input_space": black_box, "white_box": info.get("white_box")}
 
 
 def _canary_attack(

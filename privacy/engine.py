@@ -28,27 +28,34 @@ class PrivacySpent:
     noise_multiplier: float
     sample_rate: float
     accountant: str
+    relation: str
 
 
 class PrivacyEngine:
-    """DP-SGD with batched per-sample clipping (ghost norms + book-keeping) and Opacus accounting.
+    """DP-SGD with batched per-sample clipping (ghost norms + book-keeping) and PLD accounting.
 
     Example::
 
-        engine = PrivacyEngine(accountant="rdp")
+        engine = PrivacyEngine()  # accountant="pld", relation="add-remove"
         model, optimizer, loader = engine.make_private(
             module=model, optimizer=optimizer, data_loader=loader,
             target_epsilon=8.0, target_delta=1e-5, epochs=3, max_grad_norm=1.0)
 
     `history` (Opacus ``(noise_multiplier, sample_rate, steps)`` tuples, e.g. from a previous
-    federated round's `state_dict`) is carried into ε and into noise calibration.
+    federated round's `state_dict`) is carried into ε and into noise calibration. `relation`
+    ("add-remove" or "replace-one", the latter with accountant="pld" only) is the neighbouring
+    relation every ε and every calibration is computed under.
     """
 
     def __init__(
-        self, accountant: str = "rdp", history: list[tuple[float, float, int]] | None = None
+        self,
+        accountant: str = "pld",
+        history: list[tuple[float, float, int]] | None = None,
+        relation: str = "add-remove",
     ) -> None:
-        self.accountant = accounting.make_accountant(accountant, history or [])
+        self.accountant = accounting.make_accountant(accountant, history or [], relation)
         self.mechanism = accountant
+        self.relation = relation
         self.noise_multiplier: float | None = None
         self.sample_rate: float | None = None
         self.expected_batch_size: float | None = None
@@ -133,7 +140,13 @@ class PrivacyEngine:
                 )
             assert target_epsilon is not None and target_delta is not None
             noise_multiplier = accounting.calibrate_noise(
-                target_epsilon, target_delta, sample_rate, planned, self.mechanism, prior
+                target_epsilon,
+                target_delta,
+                sample_rate,
+                planned,
+                self.mechanism,
+                prior,
+                relation=self.relation,
             )
             safe = planned
         else:
@@ -141,7 +154,10 @@ class PrivacyEngine:
             if target_epsilon is not None:
                 assert target_delta is not None
                 one = accounting.compute_epsilon(
-                    prior + [(noise_multiplier, sample_rate, 1)], target_delta, self.mechanism
+                    prior + [(noise_multiplier, sample_rate, 1)],
+                    target_delta,
+                    self.mechanism,
+                    self.relation,
                 )
                 if one > target_epsilon:
                     raise BudgetTooSmallError(
@@ -225,6 +241,7 @@ class PrivacyEngine:
                 self.target_epsilon,
                 self.mechanism,
                 known_safe=self._safe_steps,
+                relation=self.relation,
             )
             self._searched = True
         return self._safe_steps
@@ -248,7 +265,9 @@ class PrivacyEngine:
         delta = self.target_delta if delta is None else delta
         if delta is None:
             raise InvalidPrivacyParameterError("give delta: no target_delta was set")
-        return accounting.compute_epsilon(self.accountant.history, delta, self.mechanism)
+        return accounting.compute_epsilon(
+            self.accountant.history, delta, self.mechanism, self.relation
+        )
 
     def epsilon(self, delta: float | None = None) -> float:
         """Alias of `get_epsilon`."""
@@ -265,11 +284,12 @@ class PrivacyEngine:
             self.noise_multiplier or 0.0,
             self.sample_rate or 0.0,
             self.mechanism,
+            self.relation,
         )
 
     def state_dict(self) -> dict[str, Any]:
-        """The accountant's state (history and mechanism), to persist between rounds."""
-        return dict(self.accountant.state_dict())
+        """The accountant's state (history, mechanism, relation), to persist between rounds."""
+        return {**self.accountant.state_dict(), "relation": self.relation}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the accountant's state saved by `state_dict`."""

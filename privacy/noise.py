@@ -15,6 +15,10 @@ import secrets
 
 import torch
 
+REPRODUCIBLE_NOISE_WARNING = (
+    "reproducible noise seeded from the run seed: NO privacy against anyone knowing the seed"
+)
+
 
 def os_entropy_seed() -> int:
     """63 bits from the OS CSPRNG: a torch seed no configuration file can reproduce."""

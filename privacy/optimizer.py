@@ -195,9 +195,7 @@ class DPOptimizer(Optimizer):
         return out
 
     @staticmethod
-    def _add_noise(
-        s: Tensor, std: float, generator: torch.Generator, chunk: int = 1 << 22
-    ) -> None:
+    def _add_noise(s: Tensor, std: float, generator: torch.Generator, chunk: int = 1 << 22) -> None:
         """s += N(0, std²) elementwise, drawn in chunks so big tables need no full-size copy."""
         flat = s.view(-1)
         for start in range(0, flat.numel(), chunk):

@@ -18,6 +18,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 
+from fedtrust.privacy.noise import REPRODUCIBLE_NOISE_WARNING
 from fedtrust.tasks import Task, trainable_state
 
 from .checkpoint import load_checkpoint, save_checkpoint
@@ -28,6 +29,10 @@ from .strategy import make_strategy
 
 log = logging.getLogger(__name__)
 METRICS = "metrics.jsonl"
+# Sample-level DP: device example counts are public metadata (selection, weighting), so the
+# neighbouring datasets of a device have the same size.
+SAMPLE_RELATION = "replace-one example"
+AUDIT_FILE = "privacy_audit.json"
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
@@ -88,9 +93,9 @@ def run_federation(
         row = {
             "round": server_round,
             **evaluator(arrays),
-            "train_loss": float((train_metrics or {}).get("train_loss", float("nan"))),
+            **{k: float(v) for k, v in (train_metrics or {}).items() if k == "train_loss"},
             **strategy.last_selection,
-            **_privacy_metrics(strategy, registry, server_round),
+            **_privacy_metrics(strategy, registry, server_round, cfg.privacy),
             "seconds": time.perf_counter() - began,
         }
         _append(run_dir, row)
@@ -102,17 +107,30 @@ def run_federation(
 
     final = evaluator(arrays, full=True)
     task.save(evaluator.model, run_dir / "model")
+    audit = getattr(strategy, "one_run_audit", lambda rounds: None)(cfg.server.rounds)
+    if audit is not None:  # user-level DP with canary devices: claimed vs audited ε
+        (run_dir / AUDIT_FILE).write_text(json.dumps(audit, indent=1))
     if registry.privacy:  # per-device sample-level DP: each device's own ε
-        per_device = {str(d): registry.privacy[d] for d in sorted(registry.privacy)}
+        guarantee = {"relation": SAMPLE_RELATION, "accountant": cfg.privacy.accountant}
+        per_device = {str(d): registry.privacy[d] | guarantee for d in sorted(registry.privacy)}
         (run_dir / "device_privacy.json").write_text(json.dumps(per_device, indent=1))
     return final
 
 
-def _privacy_metrics(strategy, registry, server_round: int) -> dict[str, float]:
-    """ε so far: the server's (user-level DP) or the devices' (sample-level DP, worst device)."""
+def _privacy_metrics(strategy, registry, server_round: int, privacy) -> dict[str, Any]:
+    """ε so far with its δ, neighbouring relation and accountant: the server's (user-level
+    DP) or the devices' (sample-level DP, the worst device)."""
+    if not privacy.enabled:
+        return {}
     if hasattr(strategy, "epsilon"):
-        return strategy.epsilon(server_round)
-    return registry.epsilon_summary()
+        out = dict(strategy.epsilon(server_round))
+    else:
+        out = registry.epsilon_summary()
+        if out:
+            out.update(relation=SAMPLE_RELATION, accountant=privacy.accountant)
+    if privacy.reproducible_noise:
+        out["noise"] = REPRODUCIBLE_NOISE_WARNING
+    return out
 
 
 def _append(run_dir: Path, row: dict[str, Any]) -> None:

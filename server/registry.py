@@ -7,7 +7,6 @@ schedule when there is one, else the count each device reported the last time it
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -30,8 +29,9 @@ class DeviceRegistry:
         self.device_of_node = {n: d for d, n in self.node_of_device.items()}
         self.metadata = metadata
         self.reported = dict(reported or {})
-        self.privacy: dict[int, dict] = {}  # device -> {"history", "epsilon", "participations"}
-        self.max_participations = 0  # > 0: devices that used their DP budget stop being chosen
+        # Sample-level DP: what each device reported about its own budget (epsilon, delta,
+        # participations, exhausted). Devices keep their accountant history themselves.
+        self.privacy: dict[int, dict] = {}
 
     @property
     def size(self) -> int:
@@ -40,7 +40,7 @@ class DeviceRegistry:
     def counts(self, server_round: int) -> np.ndarray:
         """Available examples per device (index = device id) for `server_round`.
 
-        A device whose sample-level DP budget is used up counts as holding nothing.
+        A device that reported its sample-level DP budget used up counts as holding nothing.
         """
         if self.metadata is not None:
             counts = np.asarray(self.metadata(server_round))
@@ -48,55 +48,37 @@ class DeviceRegistry:
                 raise RuntimeError(f"metadata has {len(counts)} devices, {self.size} checked in")
         else:
             counts = np.asarray([self.reported.get(d, 0) for d in range(self.size)])
-        if self.max_participations:
-            spent = [
-                d
-                for d, p in self.privacy.items()
-                if p["participations"] >= self.max_participations or p.get("exhausted")
-            ]
+        spent = [d for d, p in self.privacy.items() if p["exhausted"]]
+        if spent:
             counts = counts.copy()
             counts[spent] = 0
         return counts
 
-    def privacy_state(self, devices) -> dict[str, dict]:
-        """What each chosen device needs for DP-SGD: its accountant history and budget left."""
-        out = {}
-        for d in devices:
-            p = self.privacy.get(int(d), {"history": [], "participations": 0})
-            left = max(self.max_participations - p["participations"], 1)
-            out[str(int(d))] = {"history": p["history"], "left": left}
-        return out
-
     def update(self, replies: Iterable[Message]) -> None:
-        """Refresh counts from the replies of the devices that took part."""
+        """Refresh counts (and DP budget reports) from the replies of the devices that took part."""
         for msg in replies:
             if not msg.has_error() and "device" in msg.content:
                 info = msg.content["device"]
                 device = int(info["device"])
                 self.reported[device] = int(info["available"])
                 if "epsilon" in info:
-                    old = self.privacy.get(device, {"participations": 0})
                     self.privacy[device] = {
-                        "history": json.loads(str(info["history"])),
                         "epsilon": float(info["epsilon"]),
-                        "participations": old["participations"] + 1,
+                        "delta": float(info["delta"]),
+                        "participations": int(info["participations"]),
                         "exhausted": bool(info["budget-exhausted"]),
                     }
 
     def epsilon_summary(self) -> dict[str, float]:
         """Sample-level DP: the largest and the mean ε over devices that trained so far."""
-        eps = [p["epsilon"] for p in self.privacy.values()]
-        if not eps:
+        if not self.privacy:
             return {}
+        worst = max(self.privacy.values(), key=lambda p: p["epsilon"])
         return {
-            "epsilon": max(eps),
-            "epsilon_mean": float(np.mean(eps)),
-            "devices_out_of_budget": sum(
-                1
-                for p in self.privacy.values()
-                if p.get("exhausted")
-                or (self.max_participations and p["participations"] >= self.max_participations)
-            ),
+            "epsilon": worst["epsilon"],
+            "delta": worst["delta"],
+            "epsilon_mean": float(np.mean([p["epsilon"] for p in self.privacy.values()])),
+            "devices_out_of_budget": sum(p["exhausted"] for p in self.privacy.values()),
         }
 
 

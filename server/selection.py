@@ -4,6 +4,10 @@ Devices are drawn without replacement by successive sampling proportional to the
 (implemented with the Gumbel-top-k trick). Devices with no available examples are never drawn.
 Inclusion probabilities (needed for unbiased aggregation) are exact for uniform sampling and
 estimated by Monte Carlo with the same sampler otherwise.
+
+Under user-level DP the server samples differently (see `fedtrust.server.user_dp`): Poisson
+sampling with inclusion probabilities that depend on each device's own data only, capped at a
+public q_max (`capped_inclusion`, `poisson_draw`): the sampler its accountant analyses.
 """
 
 from __future__ import annotations
@@ -98,6 +102,33 @@ class ActivitySelection(Selection):
 
     def weights(self, counts: np.ndarray) -> np.ndarray:
         return np.where(counts > 0, np.power(np.maximum(counts, 1.0), self.beta), 0.0)
+
+
+def capped_inclusion(
+    weights: np.ndarray, reference_weight: float, base_rate: float, q_max: float
+) -> np.ndarray:
+    """Poisson inclusion probabilities p_i = min(q_max, base_rate * w_i / reference_weight).
+
+    Used by user-level DP with activity selection: each device's probability depends on its
+    OWN weight and public constants only, so adding or removing a device leaves every other
+    device's probability unchanged (what the add/remove-one-device accountant assumes), and the
+    public cap q_max, the rate the accountant uses, bounds every device's. A device at the
+    public reference weight is sampled at `base_rate` (k/N); heavier devices more often, up to
+    q_max, lighter ones less. The expected sample size sum_i p_i is therefore not exactly k;
+    the update is still divided by the public k. Devices with weight 0 get 0.
+    """
+    w = np.asarray(weights, dtype=float)
+    if not 0 < q_max <= 1:
+        raise ValueError(f"inclusion cap must be in (0, 1], got {q_max}")
+    if not reference_weight > 0:
+        raise ValueError(f"reference weight must be > 0, got {reference_weight}")
+    return np.minimum(q_max, base_rate * w / reference_weight)
+
+
+def poisson_draw(inclusion: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Poisson sampling: each device independently with its probability; sorted indices."""
+    p = np.asarray(inclusion, dtype=float)
+    return np.flatnonzero(rng.random(len(p)) < p)
 
 
 def make_selection(cfg) -> Selection:

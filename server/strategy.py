@@ -3,25 +3,27 @@
 `DeviceSampling` is a mixin over Flower's own strategies (FedAvg, FedAdam): it only replaces
 *which* nodes get a training message and *how much* each reply weighs; averaging, server
 optimisers and message handling stay Flower's.
+
+Under user-level DP (`privacy.level = "user"`) the mixin samples devices by Poisson sampling and
+turns the replies into one clipped, noised mean update (`fedtrust.server.user_dp`) BEFORE the
+server optimizer: Flower's strategy then gets a single synthetic reply carrying global + noisy
+mean, so FedAvg moves to it and FedAdam uses the noisy mean as its pseudo-gradient. The
+optimizer, moments included, only ever sees released (noised) means.
 """
 
 from __future__ import annotations
 
-import json
-import math
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import (
-    DifferentialPrivacyServerSideFixedClipping,
-    FedAdam,
-    FedAvg,
-)
+from flwr.serverapp.strategy import FedAdam, FedAvg
 
 from .registry import DeviceRegistry
 from .selection import Selection, aggregation_weights
+from .user_dp import DPFedAvg
 
 WEIGHT_KEY = "agg-weight"
 
@@ -39,6 +41,19 @@ class ChosenNodes:
         return getattr(self._grid, name)
 
 
+@dataclass
+class _Release:
+    """The one reply Flower's strategy aggregates under user-level DP: global + noisy mean.
+
+    Duck-types the parts of `Message` that Flower's `aggregate_train` reads (no error, content).
+    """
+
+    content: RecordDict
+
+    def has_error(self) -> bool:
+        return False
+
+
 class DeviceSampling:
     """Mixin: call `attach(...)` before the first round."""
 
@@ -49,14 +64,18 @@ class DeviceSampling:
         devices_per_round: int,
         weighting: str,
         seed: int,
+        user_dp: DPFedAvg | None = None,
     ) -> None:
         self.registry, self.selection = registry, selection
         self.devices_per_round, self.weighting, self.seed = devices_per_round, weighting, seed
-        self.last_selection: dict[str, list] = {}
+        self.user_dp = user_dp
+        self.last_selection: dict[str, list | int] = {}
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        if self.user_dp is not None:
+            return self._configure_private(server_round, arrays, config, grid)
         counts = self.registry.counts(server_round)
         rng = np.random.default_rng([self.seed, server_round])
         chosen, inclusion = self.selection.select(counts, self.devices_per_round, rng)
@@ -69,9 +88,6 @@ class DeviceSampling:
             "inclusion": [float(inclusion[d]) for d in chosen],
         }
         nodes = [self.registry.node_of_device[int(d)] for d in chosen]
-        if self.registry.privacy or self.registry.max_participations:
-            config = ConfigRecord(dict(config))
-            config["privacy-devices"] = json.dumps(self.registry.privacy_state(chosen))
         return super().configure_train(server_round, arrays, config, ChosenNodes(grid, nodes))
 
     def aggregate_train(
@@ -79,10 +95,11 @@ class DeviceSampling:
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
         self.registry.update(replies)
+        if self.user_dp is not None:
+            return self._aggregate_private(server_round, replies)
         ok = [m for m in replies if not m.has_error()]
         if not ok:
-            reasons = "; ".join(sorted({m.error.reason.strip().splitlines()[-1] for m in replies}))
-            raise RuntimeError(f"round {server_round}: every device failed: {reasons}")
+            _raise_all_failed(server_round, replies)
         # A fixed order makes the floating-point sum, and so a resumed run, reproducible.
         ok.sort(key=lambda m: int(m.content["device"]["device"]))
         for msg in ok:
@@ -94,6 +111,50 @@ class DeviceSampling:
                 arrays, sum(self._weight_of[int(m.content["device"]["device"])] for m in ok)
             )
         return arrays, metrics
+
+    def _configure_private(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """User-level DP: a Poisson sample; only its size goes into the run's metrics."""
+        counts = self.registry.counts(server_round)
+        sampled = self.user_dp.sample(self.selection, counts, server_round)
+        self._sampled = {int(d) for d in sampled}
+        self._global = arrays
+        self.last_selection = {"devices_sampled": len(sampled)}
+        # A sampled device without data has nothing to send: it counts as one that did not reply.
+        nodes = [self.registry.node_of_device[int(d)] for d in sampled if counts[d] > 0]
+        if not nodes:  # nobody to ask; the round still releases the noise-only update
+            if hasattr(self, "current_arrays"):  # what FedOpt's configure_train would keep
+                self.current_arrays = {k: a.numpy() for k, a in arrays.items()}
+            return []
+        return super().configure_train(server_round, arrays, config, ChosenNodes(grid, nodes))
+
+    def _aggregate_private(
+        self, server_round: int, replies: list[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Clip, sum, noise, divide by k; then the wrapped optimizer's step on that mean.
+
+        No per-device metric (train loss, counts) is returned: the run folder is a release.
+        """
+        ok = [
+            m
+            for m in replies
+            if not m.has_error() and int(m.content["device"]["device"]) in self._sampled
+        ]
+        if replies and not ok and all(m.has_error() for m in replies):
+            _raise_all_failed(server_round, replies)
+        ok.sort(key=lambda m: int(m.content["device"]["device"]))
+        glob = {k: v.numpy() for k, v in self._global.items()}
+        updates = [{k: a.numpy() for k, a in m.content[self.arrayrecord_key].items()} for m in ok]
+        mean = self.user_dp.release(glob, updates, server_round)
+        released = ArrayRecord(
+            {k: Array(np.asarray(g + mean[k], dtype=g.dtype)) for k, g in glob.items()}
+        )
+        synthetic = _Release(
+            RecordDict({"arrays": released, "metrics": MetricRecord({WEIGHT_KEY: 1.0})})
+        )
+        arrays, _ = super().aggregate_train(server_round, [synthetic])
+        return arrays, None
 
     def _horvitz_thompson(self, averaged: ArrayRecord, total_weight: float) -> ArrayRecord:
         """Turn the normalised average into global + sum_i w_i * delta_i (unnormalised)."""
@@ -122,49 +183,57 @@ class SampledFedAdam(DeviceSampling, FedAdam):
     pass
 
 
-class UserLevelDP(DifferentialPrivacyServerSideFixedClipping):
-    """DP-FedAvg: Flower's server-side fixed clipping + Gaussian noise, with an Opacus accountant.
+def _raise_all_failed(server_round: int, replies: list[Message]) -> None:
+    reasons = "; ".join(sorted({m.error.reason.strip().splitlines()[-1] for m in replies}))
+    raise RuntimeError(f"round {server_round}: every device failed: {reasons}")
 
-    Each device's update is clipped to norm C, the clipped updates are averaged with equal
-    weights, and N(0, (sigma C / k)^2) noise is added (Flower's wrapper). Flower's own accountant
-    only covers releases without subsampling; fedtrust accounts the subsampled Gaussian
-    mechanism with Opacus (RDP/PRV) at sampling rate q = devices_per_round / devices.
+
+class UserLevelDP:
+    """The round loop's view of a strategy under user-level DP: the strategy and its ε report.
+
+    The mechanism (Poisson device sampling, clipping, noise before the server optimizer) runs
+    inside the strategy (`DeviceSampling` with `user_dp` attached); see `fedtrust.server.user_dp`.
     """
 
-    def __init__(
-        self,
-        strategy: DeviceSampling,
-        noise_multiplier: float,
-        clip: float,
-        per_round: int,
-        sample_rate: float,
-        delta: float,
-        accountant: str,
-    ) -> None:
-        super().__init__(strategy, noise_multiplier, clip, per_round)
-        self.sample_rate, self.delta, self.accountant_name = sample_rate, delta, accountant
+    def __init__(self, strategy: DeviceSampling, mechanism: DPFedAvg) -> None:
+        self.strategy, self.mechanism = strategy, mechanism
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return self.strategy.configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        return self.strategy.aggregate_train(server_round, replies)
 
     @property
-    def last_selection(self) -> dict[str, list]:
+    def last_selection(self) -> dict[str, int]:
         return self.strategy.last_selection
 
+    @property
+    def noise_multiplier(self) -> float:
+        return self.mechanism.noise_multiplier
+
     def state(self) -> dict[str, dict[str, np.ndarray]]:
-        return self.strategy.state()
+        return self.strategy.state() | self.mechanism.state()
 
     def load_state(self, state: dict[str, dict[str, np.ndarray]]) -> None:
-        self.strategy.load_state(state)
+        self.mechanism.load_state(state)
+        self.strategy.load_state({k: v for k, v in state.items() if k != "canaries"})
 
-    def epsilon(self, rounds: int) -> dict[str, float]:
-        from fedtrust.privacy import compute_epsilon
+    def epsilon(self, rounds: int) -> dict[str, float | str]:
+        """ε after `rounds` rounds, δ, noise multiplier, sample rate, accountant, relation."""
+        return self.mechanism.epsilon(rounds)
 
-        history = [(self.noise_multiplier, self.sample_rate, rounds)]
-        return {
-            "epsilon": compute_epsilon(history, self.delta, self.accountant_name),
-            "noise_multiplier": self.noise_multiplier,
-        }
+    def one_run_audit(self, rounds: int) -> dict | None:
+        return self.mechanism.one_run_audit(rounds)
 
 
-def make_strategy(cfg, registry: DeviceRegistry, selection: Selection) -> DeviceSampling:
+def make_strategy(
+    cfg, registry: DeviceRegistry, selection: Selection
+) -> DeviceSampling | UserLevelDP:
     """Build the strategy named by cfg.server.aggregation (a Config), with DP if configured."""
     common = dict(
         fraction_train=1.0,
@@ -187,33 +256,10 @@ def make_strategy(cfg, registry: DeviceRegistry, selection: Selection) -> Device
     privacy = cfg.privacy
     user_dp = privacy.enabled and privacy.level == "user"
     weighting = "equal" if user_dp else cfg.selection.weighting
-    strategy.attach(registry, selection, cfg.selection.devices_per_round, weighting, cfg.run.seed)
-    if privacy.enabled and privacy.level == "sample" and privacy.target_epsilon > 0:
-        registry.max_participations = privacy.participations or planned_participations(
-            cfg, registry.size
-        )
-    if not user_dp:
+    mechanism = DPFedAvg.from_config(cfg, registry.size) if user_dp else None
+    strategy.attach(
+        registry, selection, cfg.selection.devices_per_round, weighting, cfg.run.seed, mechanism
+    )
+    if mechanism is None:
         return strategy
-    return _user_level(cfg, strategy, registry.size)
-
-
-def planned_participations(cfg, num_devices: int) -> int:
-    """Sample-level DP: twice the expected participations of a device under uniform sampling."""
-    expected = cfg.server.rounds * cfg.selection.devices_per_round / num_devices
-    return max(1, math.ceil(2 * expected))
-
-
-def _user_level(cfg, strategy: DeviceSampling, num_devices: int) -> UserLevelDP:
-    from fedtrust.privacy import calibrate_noise
-
-    p, k = cfg.privacy, cfg.selection.devices_per_round
-    q = k / num_devices
-    if cfg.selection.strategy == "activity":
-        # The guarantee is stated for the device sampled most often: its inclusion probability.
-        weights = strategy.selection.weights(np.asarray(strategy.registry.counts(1), dtype=float))
-        q = float(strategy.selection.inclusion_probabilities(weights, k).max())
-    delta = p.target_delta or 1 / (10 * num_devices)
-    sigma = p.noise_multiplier
-    if p.target_epsilon > 0:
-        sigma = calibrate_noise(p.target_epsilon, delta, q, cfg.server.rounds, p.accountant)
-    return UserLevelDP(strategy, sigma, p.max_grad_norm, k, q, delta, p.accountant)
+    return UserLevelDP(strategy, mechanism)

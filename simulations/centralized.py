@@ -7,6 +7,7 @@ summary.json, learning_curve.png and model/.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Callable
@@ -17,7 +18,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedtrust.clients.train import LocalDP, train_local
+from fedtrust.clients.train import LocalDP, sample_rate, train_local
+from fedtrust.privacy.accounting import default_delta
+from fedtrust.privacy.attacks.one_run import GradientCanaries
+from fedtrust.privacy.noise import REPRODUCIBLE_NOISE_WARNING
 from fedtrust.server.evaluation import CentralEvaluator
 from fedtrust.tasks import build_task
 
@@ -47,20 +51,31 @@ def train_centralized(
     rows = [{"round": 0, **task.evaluate(model, evaluator.rows, cfg.server.eval_batch_size)}]
     local = _one_epoch(cfg.client)
     dp = _dp(cfg, len(task.train))
+    if dp is not None and cfg.privacy.audit_canaries:
+        dp.canaries = GradientCanaries(
+            list(model.parameters()),
+            cfg.privacy.audit_canaries,
+            dp.max_grad_norm,
+            sample_rate(len(task.train), local.batch_size),
+        )
     for epoch in range(1, epochs + 1):
         t0 = time.perf_counter()
         seed = int(np.random.default_rng([cfg.run.seed, epoch]).integers(2**31))
         if dp is not None:  # each epoch is one "participation" of the whole dataset
             dp.participations_left = epochs - epoch + 1
         train = train_local(model, task, task.train, local, seed, dp)
-        privacy = {}
-        if dp is not None:
-            dp.history = [tuple(h) for h in train["history"]]
-            privacy = {"epsilon": train["epsilon"], "noise_multiplier": train["noise_multiplier"]}
+        if dp is None:
+            privacy = {"train_loss": train.train_loss}  # under DP the loss is not released
+        else:
+            dp.history += train.spent
+            privacy = {
+                "epsilon": train.epsilon,
+                "noise_multiplier": train.noise_multiplier,
+                **guarantee(dp),
+            }
         row = {
             "round": epoch,
             **task.evaluate(model, evaluator.rows, cfg.server.eval_batch_size),
-            "train_loss": train["train_loss"],
             **privacy,
             "seconds": time.perf_counter() - t0,
         }
@@ -78,11 +93,15 @@ def train_centralized(
         "epochs": epochs,
         "primary_metric": task.primary_metric,
         "final": final,
-        "privacy": {k: rows[-1][k] for k in ("epsilon", "noise_multiplier")} | {"delta": dp.delta}
+        "privacy": {k: rows[-1][k] for k in ("epsilon", "noise_multiplier")} | guarantee(dp)
         if dp
         else None,
         "seconds": time.perf_counter() - began,
     }
+    if dp is not None and dp.canaries is not None:
+        summary["privacy"]["audit"] = dp.canaries.audit(dp.delta).report(
+            summary["privacy"]["epsilon"], "white-box gradient canaries in DP-SGD"
+        )
     write_summary(run_dir, summary)
     plot_curves(
         {"centralized": rows},
@@ -99,17 +118,27 @@ def _dp(cfg: Config, num_examples: int) -> LocalDP | None:
         return None
     return LocalDP(
         max_grad_norm=p.max_grad_norm,
-        delta=p.target_delta or 1 / (10 * num_examples),
+        delta=p.target_delta or default_delta(num_examples),
         target_epsilon=p.target_epsilon,
         noise_multiplier=p.noise_multiplier,
         clipping=p.clipping,
         accountant=p.accountant,
+        relation="replace-one",
+        reproducible=p.reproducible_noise,
     )
 
 
-def _one_epoch(client_cfg):
-    import copy
+def guarantee(dp: LocalDP) -> dict[str, Any]:
+    """What an ε of this run means: its δ, neighbouring relation, accountant and noise."""
+    out: dict[str, Any] = {
+        "delta": dp.delta,
+        "relation": f"{dp.relation} example",
+        "accountant": dp.accountant,
+    }
+    if dp.reproducible:
+        out["noise"] = REPRODUCIBLE_NOISE_WARNING
+    return out
 
-    local = copy.copy(client_cfg)
-    local.epochs, local.steps = 1, 0
-    return local
+
+def _one_epoch(client_cfg):
+    return dataclasses.replace(client_cfg, epochs=1, steps=0)

@@ -104,7 +104,9 @@ class PrivacyConfig:
     accountant: Literal["pld", "rdp", "prv"] = "pld"
     participations: int = 0  # sample level: participations a device budgets for (0 = auto)
     max_inclusion: float = 0.0  # user level, activity selection: public cap q_max (0 = 2k/N)
+    activity_reference: float = 0.0  # user level, activity: public count sampled at rate k/N
     reproducible_noise: bool = False  # seed the noise from run.seed: NO privacy against its holder
+    audit_canaries: int = 0  # one-run audit inside the run: m white-box canaries (0 = off)
 
     @property
     def enabled(self) -> bool:
@@ -126,6 +128,8 @@ class AuditConfig:
     extraction_steps: int = 150
     search_budget: int = 10000  # extraction: exact scoring of top-k combinations (10^4 = all)
     eval_examples: int = 1000  # test examples for each model's accuracy
+    one_run_canaries: int = 1000  # white-box gradient canaries in each DP target (0 = off)
+    federated_rounds: int = 0  # > 0: also audit user-level DP-FedAvg runs of this many rounds
     plant_canaries: bool = False  # simulate/train: plant these canaries in the training data
     canary_device: int = 0  # simulate: the device whose data holds the canaries
 
@@ -326,6 +330,15 @@ def validate(cfg: Config) -> None:
     require(q.noise_multiplier >= 0, "privacy.noise_multiplier", "must be >= 0, got {value}")
     require(q.max_grad_norm > 0, "privacy.max_grad_norm", "must be > 0, got {value}")
     require(q.participations >= 0, "privacy.participations", "must be >= 0, got {value}")
+    require(q.activity_reference >= 0, "privacy.activity_reference", "must be >= 0, got {value}")
+    require(q.audit_canaries >= 0, "privacy.audit_canaries", "must be >= 0 (0 = off), got {value}")
+    require(0 <= q.max_inclusion <= 1, "privacy.max_inclusion", "must be in [0, 1], got {value}")
+    require(
+        not (q.enabled and q.level == "sample" and q.accountant != "pld"),
+        "privacy.accountant",
+        "{value!r} accounts add/remove neighbours only; sample-level DP treats example counts as "
+        "public (replace-one neighbours), which needs 'pld'",
+    )
     a = cfg.audit
     require(bool(a.epsilons), "audit.epsilons", "needs at least one level (0 = no DP), got {value}")
     require(min(a.epsilons or [0]) >= 0, "audit.epsilons", "must be >= 0 (0 = no DP), got {value}")
@@ -340,4 +353,8 @@ def validate(cfg: Config) -> None:
     require(a.canaries_per_level >= 0, "audit.canaries_per_level", "must be >= 0, got {value}")
     require(a.canary_candidates >= 1, "audit.canary_candidates", "must be >= 1, got {value}")
     require(a.canary_decoys >= 0, "audit.canary_decoys", "must be >= 0, got {value}")
+    require(
+        a.federated_rounds >= 0, "audit.federated_rounds", "must be >= 0 (0 = off), got {value}"
+    )
+    require(a.one_run_canaries >= 0, "audit.one_run_canaries", "must be >= 0, got {value}")
     require(a.search_budget >= 1, "audit.search_budget", "must be >= 1, got {value}")

@@ -40,10 +40,12 @@ def start_run(cfg: Config, resume: Path | None = None) -> tuple[Path, Population
         run_dir = Path(cfg.run.output_dir) / name
         if (run_dir / "checkpoint").exists():
             raise ConfigError(f"{run_dir}: already holds a run; use --resume {run_dir} to go on")
+        cfg.run.name = name  # simulated devices keep their own state under the run folder
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / CONFIG_FILE).write_text(to_toml(cfg))
     else:
         run_dir = resume
+        cfg.run.output_dir, cfg.run.name = str(resume.parent), resume.name
     population = cached_population(cfg)
     k = cfg.selection.devices_per_round
     if k > population.size:
@@ -84,7 +86,7 @@ def finish_run(
         "final": final,
         "final_subset": {k: v for k, v in rows[-1].items() if isinstance(v, float)},
         "best_round": max(rows, key=lambda r: r.get(metric, 0.0))["round"] if rows else None,
-        "privacy": _privacy_summary(cfg, rows),
+        "privacy": _privacy_summary(cfg, run_dir, rows),
         "cohorts": _cohorts(cfg, run_dir, population, rows),
         "seconds": seconds,
     }
@@ -133,11 +135,33 @@ def _cohorts(
     }
 
 
-def _privacy_summary(cfg: Config, rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+def _privacy_summary(
+    cfg: Config, run_dir: Path, rows: list[dict[str, Any]]
+) -> dict[str, Any] | None:
+    from fedtrust.server.federation import AUDIT_FILE
+
     if not cfg.privacy.enabled or not rows:
         return None
-    keys = ("epsilon", "epsilon_mean", "noise_multiplier", "devices_out_of_budget")
-    return {"level": cfg.privacy.level, **{k: rows[-1][k] for k in keys if k in rows[-1]}}
+    summary = {"level": cfg.privacy.level, **_privacy_keys(rows[-1])}
+    audit = run_dir / AUDIT_FILE
+    if audit.is_file():
+        summary["audit"] = json.loads(audit.read_text())
+    return summary
+
+
+def _privacy_keys(row: dict[str, Any]) -> dict[str, Any]:
+    keys = (
+        "epsilon",
+        "delta",
+        "relation",
+        "accountant",
+        "sample_rate",
+        "epsilon_mean",
+        "noise_multiplier",
+        "devices_out_of_budget",
+        "noise",
+    )
+    return {k: row[k] for k in keys if k in row}
 
 
 def simulate(

@@ -49,6 +49,14 @@ class Task:
     def _labels(self, rows: list[dict], ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def sample_losses(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """One loss per row, each depending on that row alone (what DP-SGD needs).
+
+        The default is the cross-entropy of a classifier's logits against `labels`.
+        """
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return nn.functional.cross_entropy(logits, batch["labels"], reduction="none")
+
     def batches(
         self,
         rows: list[dict[str, Any]],

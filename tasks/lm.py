@@ -51,6 +51,21 @@ class CharLMTask(Task):
     def _labels(self, rows: list[dict], ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return ids.masked_fill(mask == 0, IGNORE)
 
+    def sample_losses(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Each row's mean next-character loss over its OWN characters.
+
+        transformers' loss averages over every character in the batch, which scales each
+        row's gradient by its share of the batch's characters: adding or removing a short row
+        would then rescale every other row's gradient, and the per-sample bound C would not hold.
+        """
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        gold = batch["labels"][:, 1:]
+        token_loss = nn.functional.cross_entropy(
+            logits[:, :-1].transpose(1, 2), gold, ignore_index=IGNORE, reduction="none"
+        )
+        counts = (gold != IGNORE).sum(1).clamp(min=1)
+        return token_loss.sum(1) / counts
+
     @torch.no_grad()
     def evaluate(
         self, model: nn.Module, rows: list[dict[str, Any]], batch_size: int = 256

@@ -51,3 +51,14 @@ def intent_jsonl(tmp_path_factory) -> Path:
             text = f"please {vocab[i % 4]} {vocab[(i // 3) % 4]} now"
             f.write(json.dumps({"text": text, "label": label, "device": f"user{i % 10}"}) + "\n")
     return path
+
+
+@pytest.fixture
+def run_identity():
+    """Flower messages need a run id; the simulation engine sets one, unit tests set their own."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved

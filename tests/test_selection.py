@@ -7,6 +7,8 @@ from fedtrust.server.selection import (
     Selection,
     UniformSelection,
     aggregation_weights,
+    capped_inclusion,
+    poisson_draw,
 )
 
 COUNTS = np.array([1, 2, 4, 8, 16, 32, 0, 64], dtype=float)
@@ -83,3 +85,31 @@ def test_horvitz_thompson_weights_are_unbiased():
         w = aggregation_weights("examples", counts, chosen, inclusion)
         plain += (w / w.sum()) @ deltas[chosen]
     assert np.abs(plain / (draws // 4) - target).max() > 0.05
+
+
+@pytest.mark.parametrize("q_max", [0.4, 0.6, 1.0])
+def test_capped_inclusion_is_proportional_to_own_weight_under_the_cap(q_max):
+    counts = np.array([1, 2, 4, 8, 16, 32, 0, 64, 500], dtype=float)
+    p = capped_inclusion(ActivitySelection(1.0).weights(counts), 8.0, 0.3, q_max)
+    assert p.max() <= q_max + 1e-12 and p[6] == 0  # capped; no data, never sampled
+    assert p[3] == pytest.approx(min(0.3, q_max))  # the reference count gets the base rate
+    below = (p > 0) & (p < q_max - 1e-12)
+    assert np.allclose(p[below], 0.3 * counts[below] / 8.0)
+
+
+def test_a_devices_inclusion_does_not_depend_on_the_other_devices():
+    """Neighbouring populations (one device added) leave everyone else's probability alone."""
+    weights = ActivitySelection(0.5).weights(np.array([3.0, 40.0, 7.0, 1.0]))
+    huge = ActivitySelection(0.5).weights(np.array([1e6]))
+    p = capped_inclusion(weights, 5.0, 0.2, 0.5)
+    p_neighbour = capped_inclusion(np.concatenate([weights, huge]), 5.0, 0.2, 0.5)
+    assert np.array_equal(p, p_neighbour[:-1]) and p_neighbour[-1] == 0.5
+
+
+def test_poisson_draw_includes_each_device_with_its_probability():
+    p = np.array([0.05, 0.3, 0.5, 0.0, 1.0])
+    rng, draws = np.random.default_rng(0), 20_000
+    hits = np.zeros(len(p))
+    for _ in range(draws):
+        hits[poisson_draw(p, rng)] += 1
+    assert np.all(np.abs(hits / draws - p) <= 4 * np.sqrt(p * (1 - p) / draws) + 1e-12)

@@ -55,15 +55,22 @@ class Crash(Exception):
     pass
 
 
-def test_resume_gives_the_same_result_as_an_uninterrupted_run(tmp_path, tiny_bert, intent_jsonl):
-    extra = (
-        "selection.strategy=activity",
-        "devices.mode=continual",
-        "devices.capacity=8",
-        "server.aggregation=fedadam",
-        "server.rounds=3",
-        "server.server_lr=0.01",
-    )
+PLAIN = (
+    "selection.strategy=activity",
+    "devices.mode=continual",
+    "devices.capacity=8",
+    "server.aggregation=fedadam",
+    "server.rounds=3",
+    "server.server_lr=0.01",
+)
+# sample-level DP with reproducible noise: a resumed run is exact too (devices' budgets included)
+PRIVATE = ("server.rounds=3", "privacy.target_epsilon=8", "privacy.reproducible_noise=true")
+
+
+@pytest.mark.parametrize("extra", [PLAIN, PRIVATE], ids=["fedadam-activity", "sample-dp"])
+def test_resume_gives_the_same_result_as_an_uninterrupted_run(
+    tmp_path, tiny_bert, intent_jsonl, extra
+):
     whole, _ = simulate(_cfg(tmp_path, tiny_bert, intent_jsonl, "whole", *extra))
 
     def crash_after_round_2(row):

@@ -34,15 +34,7 @@ def _reply(device, value, n):
     )
 
 
-@pytest.fixture(autouse=True)
-def run_identity():
-    """Messages need a run id; the simulation engine sets one, these tests set their own."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    saved = TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+pytestmark = pytest.mark.usefixtures("run_identity")
 
 
 class FakeGrid:
@@ -96,3 +88,34 @@ def test_a_round_where_every_device_fails_is_a_clear_error():
 
     with pytest.raises(RuntimeError, match="every device failed: ValueError: out of memory"):
         strategy.aggregate_train(1, [Reply(RecordDict(), error=Err())])
+
+
+def test_non_private_selection_is_gumbel_top_k_seeded_by_run_seed_and_round():
+    counts = np.array([10, 30, 20, 40])
+    for server_round in (1, 2, 3):
+        strategy, _ = _strategy("examples", counts)
+        glob = ArrayRecord({"w": Array(np.zeros(3, dtype=np.float32))})
+        list(strategy.configure_train(server_round, glob, ConfigRecord({}), FakeGrid()))
+        expected = UniformSelection().draw(counts, 2, np.random.default_rng([0, server_round]))
+        assert strategy.last_selection["devices"] == expected.tolist()
+
+
+def test_devices_get_no_accountant_history_from_the_server():
+    """Sample-level DP: each device keeps its own budget; the message carries only the config."""
+    cfg = load_config(
+        None,
+        [
+            "partition.num_devices=4",
+            "selection.devices_per_round=2",
+            "privacy.target_epsilon=4.0",
+        ],
+    )
+    registry = DeviceRegistry(
+        {d: 100 + d for d in range(4)}, metadata=lambda r: np.array([5, 5, 5, 5])
+    )
+    strategy = make_strategy(cfg, registry, UniformSelection())
+    glob = ArrayRecord({"w": Array(np.zeros(3, dtype=np.float32))})
+    messages = list(strategy.configure_train(1, glob, ConfigRecord({"x": 1}), FakeGrid()))
+    assert messages
+    for msg in messages:
+        assert set(msg.content["config"].keys()) == {"x", "server-round"}

@@ -128,3 +128,21 @@ def regression_batch(n: int, d_in: int = 6, d_out: int = 4, seed: int = 0) -> di
         "x": x * torch.linspace(0.2, 3.0, n, dtype=torch.float64)[:, None],
         "y": torch.randn(n, d_out, generator=g, dtype=torch.float64),
     }
+
+
+def tiny_char_lm_task():
+    """fedtrust's character-level LM task on a 10-character vocabulary, one small GPT-2 layer."""
+    from fedtrust.tasks.lm import CharLMTask
+
+    return CharLMTask(
+        kind="lm",
+        train=[],
+        test=[],
+        pad_id=0,
+        primary_metric="accuracy",
+        vocab="abcdefghij",
+        context=16,
+        layers=1,
+        width=16,
+        heads=2,
+    )

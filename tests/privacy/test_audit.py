@@ -51,10 +51,18 @@ def test_audit_writes_one_report_with_every_level(tmp_path, tiny_bert, varied_js
     cfg = _audit_cfg(tmp_path, tiny_bert, varied_jsonl)
     out, report = run_audit(cfg)
     assert [lv["label"] for lv in report["levels"]] == ["no DP", "ε = 4"]
-    assert report["members"] == report["non_members"] == 30
+    # each pool example is a member by coin flip (the one-run audit's input-space canaries)
+    assert report["members"] + report["non_members"] == 60 and 15 < report["members"] < 45
     no_dp, dp = report["levels"]
     assert no_dp["achieved_epsilon"] is None
     assert 0 < dp["achieved_epsilon"] <= 4.0 + 1e-6
+    # claimed ε against the one-run audit: the DP level passes both audits
+    assert no_dp["one_run"]["white_box"] is None  # no DP-SGD, no gradient canaries
+    for kind in ("input_space", "white_box"):
+        audited = dp["one_run"][kind]
+        assert audited["claimed_epsilon"] == pytest.approx(dp["achieved_epsilon"])
+        assert 0 <= audited["audited_epsilon_lower_bound"] <= dp["achieved_epsilon"]
+    assert dp["one_run"]["white_box"]["canaries"] == cfg.audit.one_run_canaries
     assert set(no_dp["mia"]) == {"loss", "reference", "lira_offline", "lira_online"}
     assert all(0 <= m["auc"] <= 1 for m in no_dp["mia"].values())
     assert len(no_dp["canaries"]) == 1 and no_dp["canaries"][0]["repetitions"] == 3
@@ -62,10 +70,34 @@ def test_audit_writes_one_report_with_every_level(tmp_path, tiny_bert, varied_js
     assert saved["levels"][1]["mia"]["loss"]["auc"] == pytest.approx(dp["mia"]["loss"]["auc"])
     page = (out / "audit.html").read_text()
     assert page.count("data:image/png;base64,") == 2 and "<table>" in page
-    assert "| ε = 4 |" in (out / "audit.md").read_text()
+    markdown = (out / "audit.md").read_text()
+    assert "| ε = 4 |" in markdown and "audited ε ≥ (white-box)" in markdown
+    assert "replace-one example, pld" in markdown
     # a second run in the same folder reuses every trained model
     _, again = run_audit(cfg)
     assert again["levels"][0]["test"] == no_dp["test"]
+
+
+def test_audit_of_federated_user_level_dp_with_canary_devices(tmp_path, tiny_bert, varied_jsonl):
+    cfg = _audit_cfg(
+        tmp_path,
+        tiny_bert,
+        varied_jsonl,
+        "audit.shadows=0",
+        "audit.canaries_per_level=0",
+        "audit.federated_rounds=2",
+        "partition.num_devices=6",
+        "selection.devices_per_round=2",
+        "client.epochs=1",
+    )
+    out, report = run_audit(cfg)
+    (federated,) = report["federated"]
+    assert federated["label"] == "user-level ε = 4"
+    assert federated["privacy"]["relation"] == "add/remove one device"
+    audited = federated["one_run"]
+    assert audited["canaries"] == cfg.audit.one_run_canaries
+    assert 0 <= audited["audited_epsilon_lower_bound"] <= audited["claimed_epsilon"] <= 4 + 1e-6
+    assert "## Federated: user-level DP-FedAvg" in (out / "audit.md").read_text()
 
 
 def test_overlapping_members_and_non_members_are_refused():

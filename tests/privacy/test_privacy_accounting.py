@@ -57,7 +57,7 @@ def test_epsilon_equals_opacus_accountant(mechanism, opacus_cls):
 
 
 def test_calibrated_sigma_hits_target():
-    engine = PrivacyEngine()
+    engine = PrivacyEngine(accountant="rdp")
     train(engine, stop_after=1, target_epsilon=3.0, target_delta=1e-3, epochs=3)
     sigma = engine.noise_multiplier
     assert sigma == pytest.approx(
@@ -66,9 +66,9 @@ def test_calibrated_sigma_hits_target():
         )
     )
     planned = 30
-    eps = compute_epsilon([(sigma, 0.1, planned)], 1e-3)
+    eps = compute_epsilon([(sigma, 0.1, planned)], 1e-3, "rdp")
     assert 3.0 - 0.02 < eps <= 3.0
-    assert calibrate_noise(3.0, 1e-3, 0.1, planned) == pytest.approx(sigma)
+    assert calibrate_noise(3.0, 1e-3, 0.1, planned, "rdp") == pytest.approx(sigma)
 
 
 def test_budget_exhausted_raises_before_exceeding_and_changes_nothing():
@@ -116,10 +116,11 @@ def test_history_carries_over_federated_rounds():
     assert total + 1.0 - 0.05 < eps <= total + 1.0  # calibrated on top of the history
 
 
-def test_calibration_search_does_not_warn_about_its_trial_points():
+@pytest.mark.parametrize("accountant", ["rdp", "pld"])
+def test_calibration_search_does_not_warn_about_its_trial_points(accountant):
     import warnings
 
     with warnings.catch_warnings():  # Opacus warns on the search's large trial noise levels
         warnings.simplefilter("error")
-        sigma = calibrate_noise(8.0, 1 / 7600, 32 / 760, 475)
-    assert compute_epsilon([(sigma, 32 / 760, 475)], 1 / 7600) <= 8.0
+        sigma = calibrate_noise(8.0, 1 / 7600, 32 / 760, 475, accountant)
+    assert compute_epsilon([(sigma, 32 / 760, 475)], 1 / 7600, accountant) <= 8.0
