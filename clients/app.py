@@ -82,9 +82,11 @@ def train(msg: Message, context: Context) -> Message:
         # public facts (its budget state is a function of the public config and counts).
         store = BudgetStore(_state_dir(cfg, context))
         budget = store.load(device)
+        if cfg.privacy.reproducible_noise:
+            budget.forget(server_round)
         dp = _local_dp(cfg, budget, population.size, len(population.parts[device]))
         result = train_local(model, population.task, rows, cfg.client, seed, dp)
-        budget.record(server_round, result.spent, replace=dp.reproducible)
+        budget.record(server_round, result.spent)
         budget.exhausted = result.budget_exhausted or budget.participations >= _planned(
             cfg, population.size
         )

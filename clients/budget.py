@@ -43,15 +43,14 @@ class DeviceBudget:
         """Every release so far (what the accountant composes)."""
         return [entry for _, entry in self.releases]
 
-    def record(self, server_round: int, spent: list[Entry], replace: bool) -> None:
-        """Add this round's releases.
-
-        A round that runs again after a crash is a new release and is added to the old one,
-        unless `replace` (reproducible noise: the re-run releases exactly the same update).
-        """
-        if replace:
-            self.releases = [(r, e) for r, e in self.releases if r != server_round]
+    def record(self, server_round: int, spent: list[Entry]) -> None:
+        """Add this round's releases (a round run again after a crash is a new release)."""
         self.releases += [(server_round, e) for e in spent if e[2] > 0]
+
+    def forget(self, server_round: int) -> None:
+        """Drop `server_round`'s releases: only for reproducible noise, where running the round
+        again releases exactly the same update, so it must not be counted twice."""
+        self.releases = [(r, e) for r, e in self.releases if r != server_round]
 
 
 class BudgetStore:

@@ -72,3 +72,29 @@ def test_a_server_that_keeps_asking_cannot_make_a_device_exceed_its_budget(
     assert budget.exhausted and len(budget.history()) >= 2
     spent = compute_epsilon(budget.history(), reports[-1][0]["delta"], "pld", "replace-one")
     assert spent == pytest.approx(eps[-1], rel=3e-3) and spent <= TARGET + 1e-6
+
+
+def test_with_reproducible_noise_a_rerun_round_is_the_same_release_counted_once(
+    tmp_path, tiny_bert, intent_jsonl
+):
+    cfg = tiny_run_config(
+        tmp_path,
+        tiny_bert,
+        intent_jsonl,
+        "replay",
+        "partition.num_devices=10",
+        "client.epochs=1",
+        "client.batch_size=8",
+        f"privacy.target_epsilon={TARGET}",
+        "privacy.reproducible_noise=true",
+    )
+    context = Context(
+        run_id=1,
+        node_id=1,
+        node_config={"partition-id": 3, "state-dir": str(tmp_path / "storage")},
+        state=RecordDict(),
+        run_config={},
+    )
+    first, again = (_ask_to_train(cfg, context, 1)[0] for _ in range(2))  # a crash, a re-run
+    assert first == again  # the same noise, the same release, the same ε
+    assert len(BudgetStore(tmp_path / "storage").load(3).history()) == 1
