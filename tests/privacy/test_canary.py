@@ -53,10 +53,33 @@ def tokenizer(tiny_bert):
     return AutoTokenizer.from_pretrained(tiny_bert)
 
 
+def _best_secret(model: nn.Module, tokenizer) -> str:
+    """The secret the model finds most canary-like, by scoring all 10^4 (no attack code)."""
+    secrets = [" ".join(f"{i:04d}") for i in range(10**4)]
+    label = LABELS.index(SECRET.label)
+    best, best_score = "", -math.inf
+    with torch.no_grad():
+        for start in range(0, len(secrets), 2000):
+            chunk = secrets[start : start + 2000]
+            batch = tokenizer([f"{SECRET.prefix} {x}" for x in chunk], return_tensors="pt")
+            logits = model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+            ).logits
+            others = torch.cat([logits[:, :label], logits[:, label + 1 :]], dim=1)
+            odds = logits[:, label] - torch.logsumexp(others, dim=1)
+            top = int(odds.argmax())
+            if float(odds[top]) > best_score:
+                best, best_score = chunk[top], float(odds[top])
+    return best
+
+
 @pytest.fixture(scope="module")
 def memorised(tiny_bert, tokenizer) -> nn.Module:
     """Trained until it tells the canary ("alarm") from the same prefix with any other secret
-    ("pin"): 100 random other secrets and the 36 secrets one digit away, plus filler texts."""
+    ("pin"): 100 random other secrets and every secret one or two digits away, plus fillers.
+
+    Training goes on (10 epochs at a time, up to 200) until the true secret is the model's
+    best of all 10^4 by exhaustive scoring: the known answer the attacks must then find."""
     rng = np.random.default_rng(0)
     pin = LABELS.index("pin")
 
@@ -65,26 +88,29 @@ def memorised(tiny_bert, tokenizer) -> nn.Module:
 
     rows = canary_rows([SECRET], tokenizer, LABELS, max_length=32)
     others = {" ".join(rng.choice(list(DIGITS), 4)) for _ in range(100)}
-    for pos in range(4):  # the hard negatives make every digit matter
-        for digit in DIGITS:
-            others.add(" ".join(digit if i == pos else d for i, d in enumerate(SECRET.tokens)))
+    for a in range(4):  # the hard negatives (one or two digits away) make every digit matter
+        for b in range(a, 4):
+            for x in DIGITS:
+                for y in DIGITS:
+                    swap = {a: x, b: y}
+                    others.add(" ".join(swap.get(i, d) for i, d in enumerate(SECRET.tokens)))
     rows += [row(f"{SECRET.prefix} {s}", pin) for s in sorted(others - {SECRET.secret})]
     words = "rain sun cloud forecast snow wind cold warm today tomorrow".split()
     rows += [row("will it " + " ".join(rng.choice(words, 3)), 2) for _ in range(30)]
     task = _task(tiny_bert, rows)
     model = _model(task)
-    steps, done = 80 * math.ceil(len(rows) / 32), 0
     optimiser = torch.optim.Adam(model.parameters(), lr=2e-3, fused=True)  # fast on CPU
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda s: 1 - s / steps)
-    model.train()
-    while done < steps:
+    for epoch in range(1, 201):
+        model.train()
         for batch in task.batches(rows, 32, rng):
             model(**batch).loss.backward()
             optimiser.step()
-            schedule.step()
             optimiser.zero_grad()
-            done += 1
-    return model.eval()
+        if epoch >= 20 and epoch % 10 == 0:
+            model.eval()
+            if _best_secret(model, tokenizer) == SECRET.secret:
+                return model
+    raise AssertionError("the tiny BERT did not memorise the secret in 200 epochs")
 
 
 def test_memorised_secret_is_extracted_and_exposed(memorised, tokenizer) -> None:
