@@ -93,7 +93,7 @@ def train(msg: Message, context: Context) -> Message:
         store.save(budget)
         info.update(
             epsilon=result.epsilon,
-            delta=dp.delta,
+            **{k: v for k, v in dp.guarantee().items() if k != "noise"},
             participations=budget.participations,
             **{"noise-multiplier": result.noise_multiplier},
             **{"budget-exhausted": budget.exhausted},

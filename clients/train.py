@@ -12,6 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from fedtrust.privacy.attacks.one_run import GradientCanaries
+from fedtrust.privacy.noise import REPRODUCIBLE_NOISE_WARNING
 from fedtrust.tasks import Task
 
 
@@ -55,6 +56,17 @@ class LocalDP:
     reproducible: bool = False
     history: list[tuple[float, float, int]] = field(default_factory=list)
     canaries: GradientCanaries | None = None  # the one-run audit's white-box canaries
+
+    def guarantee(self) -> dict[str, Any]:
+        """What an ε of this training means: δ, neighbouring relation, accountant, noise."""
+        out: dict[str, Any] = {
+            "delta": self.delta,
+            "relation": f"{self.relation} example",
+            "accountant": self.accountant,
+        }
+        if self.reproducible:
+            out["noise"] = REPRODUCIBLE_NOISE_WARNING
+        return out
 
 
 @dataclass

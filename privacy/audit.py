@@ -248,9 +248,7 @@ def _trained(cfg, task, rows, epsilon, folder: Path, pool, eval_rows, seed, say)
         "examples": len(rows),
         "epsilon": result.epsilon if dp else None,
         "noise_multiplier": result.noise_multiplier if dp else None,
-        "delta": dp.delta if dp else None,
-        "relation": "replace-one example" if dp else None,
-        "accountant": dp.accountant if dp else None,
+        **(dp.guarantee() if dp else {"delta": None, "relation": None, "accountant": None}),
         "train_loss": result.train_loss,
         "white_box": dp.canaries.audit(dp.delta).report(
             result.epsilon, "white-box gradient canaries in DP-SGD"
@@ -291,7 +289,7 @@ def _federated_level(cfg, epsilon: float, out_dir: Path, say: Progress) -> dict[
             target_epsilon=epsilon,
             noise_multiplier=0.0,
             target_delta=0.0,
-            audit_canaries=cfg.audit.one_run_canaries or 1000,
+            audit_canaries=cfg.audit.one_run_canaries,
         )
         run = dataclasses.replace(cfg.run, output_dir=str(folder.parent), name=folder.name)
         server = dataclasses.replace(cfg.server, rounds=cfg.audit.federated_rounds)

@@ -29,9 +29,6 @@ from .strategy import make_strategy
 
 log = logging.getLogger(__name__)
 METRICS = "metrics.jsonl"
-# Sample-level DP: device example counts are public metadata (selection, weighting), so the
-# neighbouring datasets of a device have the same size.
-SAMPLE_RELATION = "replace-one example"
 AUDIT_FILE = "privacy_audit.json"
 
 
@@ -111,8 +108,7 @@ def run_federation(
     if audit is not None:  # user-level DP with canary devices: claimed vs audited ε
         (run_dir / AUDIT_FILE).write_text(json.dumps(audit, indent=1))
     if registry.privacy:  # per-device sample-level DP: each device's own ε
-        guarantee = {"relation": SAMPLE_RELATION, "accountant": cfg.privacy.accountant}
-        per_device = {str(d): registry.privacy[d] | guarantee for d in sorted(registry.privacy)}
+        per_device = {str(d): registry.privacy[d] for d in sorted(registry.privacy)}
         (run_dir / "device_privacy.json").write_text(json.dumps(per_device, indent=1))
     return final
 
@@ -124,10 +120,8 @@ def _privacy_metrics(strategy, registry, server_round: int, privacy) -> dict[str
         return {}
     if hasattr(strategy, "epsilon"):
         out = dict(strategy.epsilon(server_round))
-    else:
+    else:  # each device reports its ε with its δ, relation and accountant
         out = registry.epsilon_summary()
-        if out:
-            out.update(relation=SAMPLE_RELATION, accountant=privacy.accountant)
     if privacy.reproducible_noise:
         out["noise"] = REPRODUCIBLE_NOISE_WARNING
     return out

@@ -65,6 +65,8 @@ class DeviceRegistry:
                     self.privacy[device] = {
                         "epsilon": float(info["epsilon"]),
                         "delta": float(info["delta"]),
+                        "relation": str(info["relation"]),
+                        "accountant": str(info["accountant"]),
                         "participations": int(info["participations"]),
                         "exhausted": bool(info["budget-exhausted"]),
                     }
@@ -77,6 +79,8 @@ class DeviceRegistry:
         return {
             "epsilon": worst["epsilon"],
             "delta": worst["delta"],
+            "relation": worst["relation"],
+            "accountant": worst["accountant"],
             "epsilon_mean": float(np.mean([p["epsilon"] for p in self.privacy.values()])),
             "devices_out_of_budget": sum(p["exhausted"] for p in self.privacy.values()),
         }

