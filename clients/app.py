@@ -1,94 +1,113 @@
 """The Flower ClientApp: one device that trains the global model on the examples it holds.
 
-The server sends the whole run configuration with every message, so the same ClientApp runs in
-the simulation (Ray actors, one device after another) and on real devices (Flower's deployment
-engine, each device with `partition-id` in its node config).
+`make_client_app(data)` builds it around the device's data source (`DeviceData`, injected);
+static settings come with every training message as typed fields (`TrainInstructions`), so the
+same ClientApp runs in the simulation (Ray actors, one device after another) and on real devices
+(Flower's deployment engine, each device with `partition-id` in its node config).
 """
 
 from __future__ import annotations
 
-import json
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedtrust.privacy.accounting import default_delta
-from fedtrust.tasks import load_trainable_state, trainable_state
+from fedtrust.privacy.accounting import resolve_delta
+from fedtrust.tasks import Task, load_trainable_state, trainable_state
 
-from .budget import STATE_DIR, BudgetStore, DeviceBudget, planned_participations
+from .budget import STATE_DIR, BudgetStore, DeviceBudget
+from .settings import DeviceDP, TrainInstructions
 from .train import LocalDP, train_local
 
-app = ClientApp()
 
-_MODELS: dict[str, torch.nn.Module] = {}
+class DeviceData(Protocol):
+    """Where a device's examples come from (a simulated population, or a real device's store)."""
 
+    task: Task
 
-def _device_context(msg: Message, context: Context):
-    from fedtrust.simulations.config import config_from_dict
-    from fedtrust.simulations.population import cached_population
+    @property
+    def size(self) -> int: ...
 
-    cfg = config_from_dict(json.loads(str(msg.content["config"]["fedtrust-config"])))
-    torch.set_num_threads(max(1, int(cfg.client.num_cpus)))
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    population = cached_population(cfg)
-    device = int(context.node_config["partition-id"])
-    if device >= population.size:
-        raise ValueError(f"partition-id {device} but the population has {population.size} devices")
-    return cfg, population, device
+    def name(self, device: int) -> str: ...
 
+    def count(self, device: int, server_round: int) -> int: ...
 
-def _model(population, seed: int) -> torch.nn.Module:
-    key = f"{id(population)}"
-    if key not in _MODELS:
-        _MODELS.clear()
-        _MODELS[key] = population.task.build_model(seed)
-    return _MODELS[key]
+    def rows(self, device: int, server_round: int) -> list[dict[str, Any]]: ...
+
+    def stream_length(self, device: int) -> int: ...
 
 
-@app.query()
-def check_in(msg: Message, context: Context) -> Message:
-    """Tell the server which device this node is and how much data it holds now."""
-    _, population, device = _device_context(msg, context)
-    server_round = int(msg.content["config"]["server-round"])
-    info = ConfigRecord(
-        {
+_MODELS: dict[int, torch.nn.Module] = {}  # one model per process, reused across devices
+
+
+def make_client_app(data: Callable[[Context], DeviceData]) -> ClientApp:
+    """A ClientApp whose devices read their examples from `data(context)` (called in the
+    process that serves them, with every message: it should cache what it builds)."""
+    app = ClientApp()
+
+    @app.query()
+    def check_in(msg: Message, context: Context) -> Message:
+        """Tell the server which device this node is and how much data it holds now."""
+        source, device = _device(data, context)
+        server_round = int(msg.content["config"]["server-round"])
+        info = {
             "device": device,
-            "name": population.names[device],
-            "available": int(population.store(device, server_round).count(server_round)),
+            "name": source.name(device),
+            "available": source.count(device, server_round),
         }
-    )
-    return Message(RecordDict({"device": info}), reply_to=msg)
+        return Message(RecordDict({"device": ConfigRecord(info)}), reply_to=msg)
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        source, device = _device(data, context)
+        return train_device(source, device, msg, context)
+
+    return app
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
-    cfg, population, device = _device_context(msg, context)
-    server_round = int(msg.content["config"]["server-round"])
-    rows = population.rows(device, server_round)
-    model = _model(population, cfg.run.seed)
+def _device(data: Callable[[Context], DeviceData], context: Context) -> tuple[DeviceData, int]:
+    source = data(context)
+    device = int(context.node_config["partition-id"])
+    if device >= source.size:
+        raise ValueError(f"partition-id {device} but the population has {source.size} devices")
+    return source, device
+
+
+def train_device(source: DeviceData, device: int, msg: Message, context: Context) -> Message:
+    """One round of local training; the reply carries the new weights and public facts."""
+    record = msg.content["config"]
+    settings = TrainInstructions.from_record(record)
+    server_round = int(record["server-round"])
+    torch.set_num_threads(max(1, settings.client.num_cpus))
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    rows = source.rows(device, server_round)
+    model = _model(source, settings.seed)
     load_trainable_state(model, msg.content["arrays"].to_torch_state_dict())
-    seed = hash((cfg.run.seed, server_round, device)) % 2**31
-    info: dict = {"device": device, "available": len(rows)}  # counts are public metadata
-    if not _sample_level_dp(cfg):
-        result = train_local(model, population.task, rows, cfg.client, seed)
-        metrics = {"num-examples": len(rows)}
-        if not cfg.privacy.enabled:  # under user-level DP the loss is not covered either
+    seed = hash((settings.seed, server_round, device)) % 2**31
+    info: dict[str, Any] = {"device": device, "available": len(rows)}  # public metadata
+    metrics: dict[str, Any] = {}
+    if settings.dp is None:
+        result = train_local(model, source.task, rows, settings.client, seed)
+        metrics["num-examples"] = len(rows)
+        if settings.report_loss:
             metrics["train_loss"] = result.train_loss
     else:
         # Under DP only what the mechanism covers leaves the device: the noised update, and
         # public facts (its budget state is a function of the public config and counts).
-        store = BudgetStore(_state_dir(cfg, context))
+        store = BudgetStore(_state_dir(settings, context))
         budget = store.load(device)
-        if cfg.privacy.reproducible_noise:
+        if settings.dp.reproducible_noise:
             budget.forget(server_round)
-        dp = _local_dp(cfg, budget, population.size, len(population.parts[device]))
-        result = train_local(model, population.task, rows, cfg.client, seed, dp)
+        dp = local_dp(settings.dp, budget, source.stream_length(device))
+        result = train_local(model, source.task, rows, settings.client, seed, dp)
         budget.record(server_round, result.spent)
-        budget.exhausted = result.budget_exhausted or budget.participations >= _planned(
-            cfg, population.size
+        budget.exhausted = (
+            result.budget_exhausted or budget.participations >= settings.dp.participations
         )
         store.save(budget)
         info.update(
@@ -98,7 +117,6 @@ def train(msg: Message, context: Context) -> Message:
             **{"noise-multiplier": result.noise_multiplier},
             **{"budget-exhausted": budget.exhausted},
         )
-        metrics = {}
     reply = RecordDict(
         {
             "arrays": ArrayRecord({k: v.clone() for k, v in trainable_state(model).items()}),
@@ -109,37 +127,33 @@ def train(msg: Message, context: Context) -> Message:
     return Message(reply, reply_to=msg)
 
 
-def _sample_level_dp(cfg) -> bool:
-    return cfg.privacy.enabled and cfg.privacy.level == "sample"
+def _model(source: DeviceData, seed: int) -> torch.nn.Module:
+    key = id(source)
+    if key not in _MODELS:
+        _MODELS.clear()
+        _MODELS[key] = source.task.build_model(seed)
+    return _MODELS[key]
 
 
-def _state_dir(cfg, context: Context) -> Path:
+def _state_dir(settings: TrainInstructions, context: Context) -> Path:
     """The device's own persistent storage: node config `state-dir` on a real device, the run
     folder's `devices/` in a simulation."""
     if "state-dir" in context.node_config:
         return Path(str(context.node_config["state-dir"]))
-    return Path(cfg.run.output_dir) / cfg.run.name / STATE_DIR
+    return Path(settings.state_dir) / STATE_DIR
 
 
-def _planned(cfg, num_devices: int) -> int:
-    p = cfg.privacy
-    if p.participations:
-        return p.participations
-    return planned_participations(cfg.server.rounds, cfg.selection.devices_per_round, num_devices)
-
-
-def _local_dp(cfg, budget: DeviceBudget, num_devices: int, num_examples: int) -> LocalDP:
-    """Sample-level DP settings from the public config and the device's own budget."""
-    p = cfg.privacy
+def local_dp(dp: DeviceDP, budget: DeviceBudget, num_examples: int) -> LocalDP:
+    """Sample-level DP for this participation: the public settings and the device's budget."""
     return LocalDP(
-        max_grad_norm=p.max_grad_norm,
-        delta=p.target_delta or default_delta(num_examples),
-        target_epsilon=p.target_epsilon,
-        noise_multiplier=p.noise_multiplier,
-        participations_left=max(_planned(cfg, num_devices) - budget.participations, 1),
-        clipping=p.clipping,
-        accountant=p.accountant,
+        max_grad_norm=dp.max_grad_norm,
+        delta=resolve_delta(dp.target_delta, num_examples),
+        target_epsilon=dp.target_epsilon,
+        noise_multiplier=dp.noise_multiplier,
+        participations_left=max(dp.participations - budget.participations, 1),
+        clipping=dp.clipping,
+        accountant=dp.accountant,
         relation="replace-one",
-        reproducible=p.reproducible_noise,
+        reproducible=dp.reproducible_noise,
         history=budget.history(),
     )

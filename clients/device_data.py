@@ -10,17 +10,32 @@ resumed run all agree without sharing state.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
+
+
+@dataclass
+class StorageSettings:
+    """How examples reach a device and how many it keeps (the `[devices]` config section)."""
+
+    mode: Literal["static", "continual"] = "static"
+    initial_fraction: float = 0.2  # continual: share of a device's stream present at round 1
+    arrival_rate: float = 0.1  # continual: expected new examples per round, share of the stream
+    capacity: int = 0  # continual: storage cap in examples (0 = unlimited)
+    eviction: Literal["fifo", "random"] = "fifo"
 
 
 class DeviceStore:
     """One device's storage, advanced round by round."""
 
-    def __init__(self, stream: np.ndarray, cfg, seed: int, device: int) -> None:
-        self.cfg = cfg
+    def __init__(
+        self, stream: np.ndarray, settings: StorageSettings, seed: int, device: int
+    ) -> None:
+        self.settings = settings
         self.seed, self.device = seed, device
-        self.static = cfg.mode == "static"
+        self.static = settings.mode == "static"
         order = np.random.default_rng([seed, device, 0]).permutation(len(stream))
         self.stream = np.asarray(stream)[order] if not self.static else np.asarray(stream)
         self.round = 0
@@ -40,15 +55,15 @@ class DeviceStore:
         n = len(self.stream)
         rng = np.random.default_rng([self.seed, self.device, self.round])
         if self.round == 1:
-            new = max(1, math.ceil(self.cfg.initial_fraction * n))
+            new = max(1, math.ceil(self.settings.initial_fraction * n))
         else:
-            new = int(rng.poisson(self.cfg.arrival_rate * n))
+            new = int(rng.poisson(self.settings.arrival_rate * n))
         new = min(new, n - self.arrived)
         self.stored.extend(range(self.arrived, self.arrived + new))
         self.arrived += new
-        excess = len(self.stored) - self.cfg.capacity if self.cfg.capacity > 0 else 0
+        excess = len(self.stored) - self.settings.capacity if self.settings.capacity > 0 else 0
         if excess > 0:
-            if self.cfg.eviction == "fifo":
+            if self.settings.eviction == "fifo":
                 del self.stored[:excess]
             else:
                 drop = set(rng.choice(len(self.stored), size=excess, replace=False).tolist())
@@ -62,10 +77,3 @@ class DeviceStore:
     def count(self, server_round: int) -> int:
         self.advance_to(server_round)
         return len(self.stream) if self.static else len(self.stored)
-
-
-def available_examples(
-    stream: np.ndarray, cfg, seed: int, device: int, server_round: int
-) -> np.ndarray:
-    """A fresh replay of one device's storage up to `server_round` (what the device itself does)."""
-    return DeviceStore(stream, cfg, seed, device).available(server_round)

@@ -11,29 +11,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from fedtrust.privacy import PrivacyBudgetExhausted, PrivacyEngine
 from fedtrust.privacy.attacks.one_run import GradientCanaries
 from fedtrust.privacy.noise import REPRODUCIBLE_NOISE_WARNING
 from fedtrust.tasks import Task
+from fedtrust.tasks.training import TrainProgress, make_optimizer, train_steps
 
-
-def make_optimizer(
-    model: nn.Module, cfg, head_prefixes: tuple[str, ...] = ()
-) -> torch.optim.Optimizer:
-    """AdamW or SGD over the trainable parameters (a ClientConfig names which).
-
-    Parameters under `head_prefixes` (a freshly initialised classifier) learn `cfg.head_lr_scale`
-    times faster than the pretrained body.
-    """
-    head, body = [], []
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            (head if head_prefixes and name.startswith(head_prefixes) else body).append(param)
-    groups = [{"params": body, "lr": cfg.lr}]
-    if head:
-        groups.append({"params": head, "lr": cfg.lr * cfg.head_lr_scale})
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+from .settings import ClientSettings
 
 
 @dataclass
@@ -85,45 +69,33 @@ def train_local(
     model: nn.Module,
     task: Task,
     rows: list[dict[str, Any]],
-    cfg,
+    settings: ClientSettings,
     seed: int,
     dp: LocalDP | None = None,
 ) -> LocalResult:
-    """`cfg.epochs` passes over `rows` (or exactly `cfg.steps` steps).
+    """`settings.epochs` passes over `rows` (or exactly `settings.steps` steps).
 
     With `dp`, batches are Poisson-sampled and every step is clipped and noised by fedtrust's
     eDP-SGD engine; each sample's loss is its own (a per-row mean over its own tokens, summed
     over rows), so adding or removing a row never rescales the others' gradients.
     """
     torch.manual_seed(seed)
-    optimizer = make_optimizer(model, cfg, task.head_prefixes)
+    optimizer = make_optimizer(
+        model,
+        settings.lr,
+        head_lr=settings.lr * settings.head_lr_scale,
+        head_prefixes=task.head_prefixes,
+        kind=settings.optimizer,
+        weight_decay=settings.weight_decay,
+    )
     model.train()
-    result = LocalResult()
     if dp is None:
         rng = np.random.default_rng(seed)
-        epochs = cfg.epochs if cfg.steps == 0 else 10**9
-        batches = (b for _ in range(epochs) for b in task.batches(rows, cfg.batch_size, rng))
-        _loop(model, optimizer, batches, cfg.steps, lambda b: model(**b).loss, "mean", result)
-        return result
-    _train_private(model, optimizer, task, rows, cfg, seed, dp, result)
-    return result
-
-
-def _loop(model, optimizer, batches, max_steps: int, loss_of, reduction: str, result) -> None:
-    """Train on `batches`; `result` holds the loss and steps so far even if a step raises."""
-    loss_sum, seen = 0.0, 0
-    for batch in batches:
-        loss = loss_of(batch)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        n = len(batch["input_ids"])
-        loss_sum += loss.detach().item() * (n if reduction == "mean" else 1)
-        seen += n
-        result.steps += 1
-        result.train_loss = loss_sum / max(seen, 1)
-        if result.steps == max_steps:
-            break
+        epochs = settings.epochs if settings.steps == 0 else 10**9
+        batches = (b for _ in range(epochs) for b in task.batches(rows, settings.batch_size, rng))
+        done = train_steps(optimizer, batches, lambda b: model(**b).loss, max_steps=settings.steps)
+        return LocalResult(train_loss=done.mean_loss, steps=done.steps)
+    return _train_private(model, optimizer, task, rows, settings, seed, dp)
 
 
 def sample_rate(num_rows: int, batch_size: int) -> float:
@@ -131,14 +103,20 @@ def sample_rate(num_rows: int, batch_size: int) -> float:
     return 1 / math.ceil(num_rows / min(batch_size, num_rows))
 
 
-def _train_private(model, optimizer, task, rows, cfg, seed, dp: LocalDP, result) -> None:
-    from fedtrust.privacy import PrivacyBudgetExhausted, PrivacyEngine
-
+def _train_private(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    task: Task,
+    rows: list[dict[str, Any]],
+    settings: ClientSettings,
+    seed: int,
+    dp: LocalDP,
+) -> LocalResult:
     generator = torch.Generator().manual_seed(seed) if dp.reproducible else None
     loader = DataLoader(
-        rows, batch_size=min(cfg.batch_size, len(rows)), shuffle=True, collate_fn=task.collate
+        rows, batch_size=min(settings.batch_size, len(rows)), shuffle=True, collate_fn=task.collate
     )
-    steps_now = cfg.steps or cfg.epochs * len(loader)
+    steps_now = settings.steps or settings.epochs * len(loader)
     engine = PrivacyEngine(accountant=dp.accountant, history=dp.history, relation=dp.relation)
     budget: dict[str, Any] = {"noise_multiplier": dp.noise_multiplier or None}
     if dp.target_epsilon > 0:
@@ -157,27 +135,36 @@ def _train_private(model, optimizer, task, rows, cfg, seed, dp: LocalDP, result)
         noise_generator=generator,
         **budget,
     )
-    epochs = cfg.epochs if cfg.steps == 0 else 10**9
+    epochs = settings.epochs if settings.steps == 0 else 10**9
     batches = (b for _ in range(epochs) for b in loader)
     if dp.canaries is not None:
         dp.canaries.attach(optimizer)
+    # The steps done before an exhausted budget stopped the loop still count: `progress`
+    # is updated after every step, whatever ends the loop.
+    progress = TrainProgress()
+    exhausted = False
     try:
-        _loop(
-            model,
+        train_steps(
             optimizer,
             batches,
-            cfg.steps,
             lambda b: task.sample_losses(model, b).sum(),
-            "sum",
-            result,
+            max_steps=settings.steps,
+            reduction="sum",
+            progress=progress,
         )
     except PrivacyBudgetExhausted:
-        result.budget_exhausted = True
+        exhausted = True
     finally:
         engine.detach()
         if dp.canaries is not None:
             dp.canaries.detach()
-    result.epsilon = engine.get_epsilon(dp.delta)
-    result.noise_multiplier = float(engine.noise_multiplier or 0.0)
-    if engine.steps:  # one participation: one noise level, one sample rate
-        result.spent = [(result.noise_multiplier, float(engine.sample_rate), engine.steps)]
+    noise = float(engine.noise_multiplier or 0.0)
+    return LocalResult(
+        train_loss=progress.mean_loss,
+        steps=progress.steps,
+        epsilon=engine.get_epsilon(dp.delta),
+        noise_multiplier=noise,
+        # one participation: one noise level, one sample rate
+        spent=[(noise, float(engine.sample_rate), engine.steps)] if engine.steps else [],
+        budget_exhausted=exhausted,
+    )

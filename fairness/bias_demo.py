@@ -10,28 +10,21 @@ unit: the female one with probability `correlation` for joy, the male one with p
 sentence's counterpart, so gender predicts nothing. Both classifiers start from the same
 encoder (embeddings and the lowest layers frozen) and train for the same number of steps. One
 PSM (the same encoder, a gender head trained on the training units) audits both, on held-out
-sentences of both genders.
+sentences of both genders. The run itself (models, training, the audit) is
+`fedtrust.simulations.fairness_runs.run_bias_demo`.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from fedtrust.tasks.models import quiet_transformers, resolve_model
+from fedtrust.errors import FairnessError
 
-from .eec import BUNDLED_EEC, EECSentence, counterfactual_pairs, load_eec
-from .psm import accuracy, fine_tune, freeze_lower, gender_data, train_psm
-from .sensitivity import audit
-
-REQUIRED_GROUPS = {"gender": ["male", "female"], "race": ["African-American", "European"]}
+from .eec import EECSentence, counterfactual_pairs
+from .psm import gender_data
 
 
 @dataclass
@@ -68,9 +61,9 @@ def build_demo_data(
 ) -> DemoData:
     """Split EEC counterfactual units, skew the training genders, and augment (see module doc)."""
     if not 0.5 <= correlation <= 1.0:
-        raise ValueError(f"correlation must be in [0.5, 1], got {correlation}")
+        raise FairnessError(f"correlation must be in [0.5, 1], got {correlation}")
     if not 0.0 < test_fraction < 1.0:
-        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+        raise FairnessError(f"test_fraction must be in (0, 1), got {test_fraction}")
     rng = np.random.default_rng(seed)
     units = [p for p in counterfactual_pairs(rows) if p[0].emotion]
     joy = [u for u in units if u[0].emotion == "joy"]
@@ -109,79 +102,3 @@ def build_demo_data(
         test_counterparts=mates,
         female={f.sentence for _, f in train_units},
     )
-
-
-def run_bias_demo(
-    model: str = "minilm",
-    correlation: float = 0.9,
-    steps: int = 80,
-    psm_steps: int = 40,
-    batch_size: int = 32,
-    freeze_layers: int = 5,
-    lr: float = 1e-4,
-    head_lr: float = 1e-3,
-    test_examples: int = 400,
-    seed: int = 0,
-    eec_path: Path | str = BUNDLED_EEC,
-    log: Callable[[str], None] | None = None,
-) -> dict[str, Any]:
-    """Train the biased and the augmented classifier and one PSM; audit both classifiers.
-
-    Returns {"settings", "data", "psm", "models": [biased, augmented], "seconds"}, the `models`
-    entries as from `sensitivity.audit` plus "train_loss" and "train_seconds".
-    """
-    began = time.perf_counter()
-    say = log or (lambda _msg: None)
-    quiet_transformers()
-    name = resolve_model(model)
-    tokenizer = AutoTokenizer.from_pretrained(name)
-    data = build_demo_data(load_eec(eec_path), correlation, test_examples=test_examples, seed=seed)
-
-    def fresh() -> torch.nn.Module:
-        torch.manual_seed(seed)
-        m = AutoModelForSequenceClassification.from_pretrained(name, num_labels=2)
-        freeze_lower(m, freeze_layers)
-        return m
-
-    t0 = time.perf_counter()
-    say(f"training the protected-status model ({psm_steps} steps)")
-    psm, psm_info = train_psm(
-        fresh(), tokenizer, *data.psm, psm_steps, batch_size, freeze_layers, lr, head_lr, seed
-    )
-    psm_info["train_seconds"] = time.perf_counter() - t0
-    test_texts = [r.sentence for r in data.test]
-    psm_info["gender_accuracy"] = accuracy(psm, tokenizer, *gender_data(data.test))
-
-    groups = {"gender": [r.gender for r in data.test], "race": [r.race for r in data.test]}
-    labels = [int(r.emotion == "joy") for r in data.test]
-    swapped = [r.sentence for r in data.test_counterparts]
-    results = []
-    for label, (texts, ys) in (("biased", data.biased), ("augmented", data.augmented)):
-        say(f"training the {label} classifier ({steps} steps on {len(texts)} sentences)")
-        t0 = time.perf_counter()
-        tc = fresh()
-        info = fine_tune(tc, tokenizer, texts, ys, steps, batch_size, lr, head_lr, seed)
-        seconds = time.perf_counter() - t0
-        say(f"auditing the {label} classifier on {len(test_texts)} held-out sentences")
-        result = audit(
-            label, tc, psm, tokenizer, test_texts, swapped, groups, REQUIRED_GROUPS, labels
-        )
-        result.update(info, train_seconds=seconds)
-        results.append(result)
-    return {
-        "settings": {
-            "model": model,
-            "correlation": correlation,
-            "steps": steps,
-            "psm_steps": psm_steps,
-            "batch_size": batch_size,
-            "freeze_layers": freeze_layers,
-            "lr": lr,
-            "head_lr": head_lr,
-            "seed": seed,
-        },
-        "data": data.stats(),
-        "psm": psm_info,
-        "models": results,
-        "seconds": time.perf_counter() - began,
-    }

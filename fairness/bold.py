@@ -34,13 +34,15 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from fedtrust.errors import DataError
+
 from .wordpairs import WordPairs
 
 BUNDLED = Path(__file__).parent / "data" / "bold" / "gender_prompt.json"
 MALE_GROUP, FEMALE_GROUP = "American_actors", "American_actresses"
 
 
-class BoldError(ValueError):
+class BoldError(DataError):
     """A prompt file is missing, malformed or lacks a group."""
 
 

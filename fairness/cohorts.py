@@ -11,25 +11,38 @@ Devices are grouped into cohorts by activity (quantiles of the examples they hol
 own device attribute (`task.cohort_column`, the most common value on the device). Each cohort
 reports its mean device accuracy (every device counts once), how often its devices were selected,
 and the share never selected; the worst-cohort gap is the spread of cohort accuracies.
+The report files (cohorts.json/.md/.png) are written by `fedtrust.simulations.fairness_report`.
 """
 
 from __future__ import annotations
 
-import json
 from collections import Counter
-from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-import matplotlib
 import numpy as np
+from torch import nn
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from fedtrust.errors import FairnessError
+from fedtrust.tasks.base import Task
 
 MIN_DEVICE_SHARE = 0.5  # intent: below this share of devices with test rows, use the label mix
 
 
-def device_accuracy(task, model, parts: list[np.ndarray], names: list[str], batch_size: int = 256):
+class DevicePopulation(Protocol):
+    """What the cohort report reads of a federated population: each device's training rows."""
+
+    parts: list[np.ndarray]  # per device, indices into task.train
+    names: list[str]
+
+    @property
+    def size(self) -> int: ...
+
+    def sizes(self) -> np.ndarray: ...
+
+
+def device_accuracy(
+    task: Task, model: nn.Module, parts: list[np.ndarray], names: list[str], batch_size: int = 256
+) -> tuple[np.ndarray, str]:
     """(accuracy per device, NaN where unknown; how it was measured)."""
     hits, units = task.example_hits(model, task.test, batch_size)
     index = {name: d for d, name in enumerate(names)}
@@ -42,7 +55,7 @@ def device_accuracy(task, model, parts: list[np.ndarray], names: list[str], batc
         with np.errstate(invalid="ignore", divide="ignore"):
             return np.where(total > 0, correct / total, np.nan), "device test rows"
     if task.kind != "intent":
-        raise ValueError(
+        raise FairnessError(
             "cohort accuracy needs test rows with device ids for this task "
             "(the test split has none)"
         )
@@ -110,7 +123,13 @@ def cohort_table(
     }
 
 
-def cohort_report(task, model, population, metrics: list[dict[str, Any]], quantiles: int = 4):
+def cohort_report(
+    task: Task,
+    model: nn.Module,
+    population: DevicePopulation,
+    metrics: list[dict[str, Any]],
+    quantiles: int = 4,
+) -> dict[str, Any]:
     """Cohort tables by activity and by the data's device attribute, for one run."""
     accuracy, source = device_accuracy(task, model, population.parts, population.names)
     history = [r for r in metrics if r.get("round", 0) > 0]
@@ -137,67 +156,10 @@ def cohort_report(task, model, population, metrics: list[dict[str, Any]], quanti
     return report
 
 
-def _device_attribute(task, parts: list[np.ndarray]) -> list[str] | None:
+def _device_attribute(task: Task, parts: list[np.ndarray]) -> list[str] | None:
     if not task.train or "cohort" not in task.train[0]:
         return None
     return [
         Counter(task.train[i]["cohort"] for i in part).most_common(1)[0][0] if len(part) else "?"
         for part in parts
     ]
-
-
-def write_cohort_report(report: dict[str, Any], out_dir: Path, metric: str = "accuracy") -> None:
-    """cohorts.json, cohorts.md and cohorts.png in `out_dir`."""
-    (out_dir / "cohorts.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out_dir / "cohorts.md").write_text(cohort_markdown(report, metric))
-    plot_cohorts(report, out_dir / "cohorts.png", metric)
-
-
-def cohort_markdown(report: dict[str, Any], metric: str = "accuracy") -> str:
-    lines = [
-        f"Per-device {metric} measured by {report['source']} "
-        f"({report['devices_scored']} of {report['devices']} devices scored, "
-        f"{report['rounds']} rounds).",
-        "",
-    ]
-    for by, table in report["by"].items():
-        gap = "n/a" if table["gap"] is None else f"{table['gap']:.4f}"
-        lines += [
-            f"### by {by} (worst cohort: {table['worst']}, gap {gap})",
-            "",
-            "| cohort | devices | mean device accuracy | selected / device | never selected |",
-            "|---|---|---|---|---|",
-        ]
-        for r in table["cohorts"]:
-            acc = "n/a" if r["accuracy"] is None else f"{r['accuracy']:.4f}"
-            lines.append(
-                f"| {r['cohort']} | {r['devices']} | {acc} | {r['selected_per_device']:.2f} "
-                f"| {r['never_selected']:.0%} |"
-            )
-        lines.append("")
-    return "\n".join(lines)
-
-
-def plot_cohorts(report: dict[str, Any], path: Path, metric: str = "accuracy") -> Path:
-    tables = list(report["by"].items())
-    fig, axes = plt.subplots(1, len(tables), figsize=(5.5 * len(tables), 3.8), squeeze=False)
-    for ax, (by, table) in zip(axes[0], tables):
-        rows = [r for r in table["cohorts"] if r["accuracy"] is not None]
-        xs = np.arange(len(rows))
-        ax.bar(xs, [r["accuracy"] for r in rows], color="tab:blue", alpha=0.8)
-        for x, r in zip(xs, rows):
-            ax.annotate(
-                f"sel {r['selected_per_device']:.1f}",
-                (x, r["accuracy"]),
-                ha="center",
-                va="bottom",
-                fontsize=8,
-            )
-        ax.set_xticks(xs, [r["cohort"].split(":")[0] for r in rows])
-        ax.set_ylabel(f"mean device {metric}")
-        ax.set_title(f"by {by} (gap {table['gap'] or 0:.3f})")
-        ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path

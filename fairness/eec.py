@@ -19,15 +19,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedtrust.errors import DataError
+
 from .wordpairs import WordPairs, load_word_pairs
 
 BUNDLED_EEC = Path(__file__).parent / "data" / "eec" / "Equity-Evaluation-Corpus.csv"
 COLUMNS = ("ID", "Sentence", "Template", "Person", "Gender", "Race", "Emotion", "Emotion word")
 GENDERS = ("male", "female")
 EMOTIONS = ("anger", "sadness", "fear", "joy", "")
+# the groups every EEC audit must cover (an empty one is an error naming it)
+REQUIRED_GROUPS = {"gender": ["male", "female"], "race": ["African-American", "European"]}
 
 
-class EECError(ValueError):
+class EECError(DataError):
     """The EEC file is missing, lacks a column, or has a bad value (the message names the line)."""
 
 

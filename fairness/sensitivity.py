@@ -44,7 +44,10 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+from scipy.stats import spearmanr
 from torch import nn
+
+from fedtrust.errors import FairnessError
 
 ClassWeights = Literal["probs", "predicted", "uniform"]
 REFERENCE = (
@@ -58,7 +61,7 @@ FORMULA = (
 )
 
 
-class SensitivityError(ValueError):
+class SensitivityError(FairnessError):
     """Bad input to a fairness metric: incompatible models, empty groups, unequal lengths."""
 
 
@@ -317,20 +320,12 @@ def counterfactual_gap(
 
 
 def spearman(a: np.ndarray | Sequence[float], b: np.ndarray | Sequence[float]) -> float:
-    """Spearman rank correlation (average ranks for ties); nan when either side is constant."""
-    ra, rb = _ranks(np.asarray(a, dtype=np.float64)), _ranks(np.asarray(b, dtype=np.float64))
-    if ra.std() == 0 or rb.std() == 0:
+    """Spearman rank correlation (average ranks for ties); nan when either side is constant
+    (checked first, so scipy's ConstantInputWarning never fires)."""
+    x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if x.size < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:
         return float("nan")
-    return float(np.corrcoef(ra, rb)[0, 1])
-
-
-def _ranks(values: np.ndarray) -> np.ndarray:
-    order = values.argsort(kind="stable")
-    ranks = np.empty(len(values))
-    ranks[order] = np.arange(len(values), dtype=np.float64)
-    _, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
-    sums = np.bincount(inverse, weights=ranks)
-    return sums[inverse] / counts[inverse]
+    return float(spearmanr(x, y).statistic)
 
 
 def audit(

@@ -13,15 +13,16 @@ stays grammatical. Those extras are the only non-involutive part, kept out of th
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from fedtrust.errors import DataError
 
 BUNDLED = Path(__file__).parent / "data" / "gender_pairs"
 ONE_WAY = {"him": "her", "hers": "his"}
 
 
-class WordPairError(ValueError):
+class WordPairError(DataError):
     """A word-pair file is malformed: duplicates, a word on both sides, or unequal lengths."""
 
 
@@ -103,18 +104,6 @@ def load_word_pairs(
                 )
             first[word] = (path, no)
     return WordPairs(tuple((m, f) for (_, m), (_, f) in zip(male_lines, female_lines)))
-
-
-def dedupe_pairs(pairs: Iterable[tuple[str, str]]) -> tuple[list[tuple[str, str]], list]:
-    """Keep the first pair of every word; return (kept, dropped) — how the bundled list was made."""
-    kept, dropped, used = [], [], set()
-    for male, female in pairs:
-        if male in used or female in used or male == female:
-            dropped.append((male, female))
-            continue
-        kept.append((male, female))
-        used |= {male, female}
-    return kept, dropped
 
 
 def _lines(path: Path) -> list[tuple[int, str]]:

@@ -9,6 +9,10 @@ Three lines::
 
 The training loop stays ``loss = model(**batch).loss; loss.backward(); optimizer.step();
 optimizer.zero_grad()``.
+
+This module exports what a user calls; the machinery (per-sample hooks, clipping, noise source)
+stays importable from its own module (`fedtrust.privacy.grad_sample`, `.clipping`, `.noise`),
+and the privacy attacks live in `fedtrust.privacy.attacks`.
 """
 
 from .accounting import (
@@ -18,9 +22,8 @@ from .accounting import (
     default_delta,
     device_epsilon,
     max_steps,
+    resolve_delta,
 )
-from .aggregation import add_gaussian_noise, clip_and_noise, clip_update, noisy_mean, update_norm
-from .clipping import clip_factors, clipped_sum, per_sample_norms
 from .data import DPDataLoader, poisson_loader
 from .engine import PrivacyEngine, PrivacySpent
 from .errors import (
@@ -31,8 +34,6 @@ from .errors import (
     UnsupportedModuleError,
 )
 from .functional import per_sample_gradients
-from .grad_sample import PerSampleHooks
-from .noise import fresh_generator
 from .optimizer import DPOptimizer
 
 __all__ = [
@@ -40,27 +41,18 @@ __all__ = [
     "DPDataLoader",
     "DPOptimizer",
     "InvalidPrivacyParameterError",
-    "PerSampleHooks",
     "PrivacyBudgetExhausted",
     "PrivacyEngine",
     "PrivacyError",
     "PrivacySpent",
     "RELATIONS",
     "UnsupportedModuleError",
-    "add_gaussian_noise",
     "calibrate_noise",
-    "clip_and_noise",
-    "clip_factors",
-    "clip_update",
-    "clipped_sum",
     "compute_epsilon",
     "default_delta",
     "device_epsilon",
-    "fresh_generator",
     "max_steps",
-    "noisy_mean",
     "per_sample_gradients",
-    "per_sample_norms",
     "poisson_loader",
-    "update_norm",
+    "resolve_delta",
 ]

@@ -42,6 +42,11 @@ def default_delta(num_units: int) -> float:
     return min(DEFAULT_DELTA_CAP, 0.01 / num_units)
 
 
+def resolve_delta(target_delta: float | None, n: int) -> float:
+    """The δ a run uses: `target_delta` when it is > 0, else `default_delta(n)` (0 = default)."""
+    return target_delta if target_delta is not None and target_delta > 0 else default_delta(n)
+
+
 History = list[tuple[float, float, int]]
 
 # -- dp-accounting's privacy loss distributions ----------------------------------------------------

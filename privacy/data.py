@@ -1,16 +1,17 @@
 """Batches for DP-SGD: Poisson sampling, empty batches, and physical micro-batches.
 
 Poisson sampling reuses Opacus's ``UniformWithReplacementSampler`` (each sample joins a batch
-independently with probability q, as the accountant assumes). The wrapper that the engine
-returns splits a logical batch into micro-batches of at most ``max_physical_batch_size`` rows
-(the optimizer only steps after the last one) and turns an empty logical batch into a
-noise-only optimizer step, so the training loop never sees an empty batch.
+independently with probability q, as the accountant assumes). The loader that the engine
+returns is a torch ``DataLoader`` drawing the same logical batches as the one it was given; it
+splits a logical batch into micro-batches of at most ``max_physical_batch_size`` rows (the
+optimizer only steps after the last one) and turns an empty logical batch into a noise-only
+optimizer step, so the training loop never sees an empty batch.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
@@ -19,9 +20,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from torch.utils.data._utils.collate import default_collate
 
 from .noise import fresh_generator
-
-if TYPE_CHECKING:
-    from .optimizer import DPOptimizer
+from .optimizer import DPOptimizer
 
 
 class _EmptySafeCollate:
@@ -52,14 +51,40 @@ def poisson_loader(data_loader: DataLoader, generator: torch.Generator | None = 
         data_loader.dataset,
         batch_sampler=sampler,
         collate_fn=_EmptySafeCollate(data_loader.collate_fn),
-        num_workers=data_loader.num_workers,
-        pin_memory=data_loader.pin_memory,
-        timeout=data_loader.timeout,
-        worker_init_fn=data_loader.worker_init_fn,
-        multiprocessing_context=data_loader.multiprocessing_context,
-        prefetch_factor=data_loader.prefetch_factor,
-        persistent_workers=data_loader.persistent_workers,
+        **_worker_options(data_loader),
     )
+
+
+def _worker_options(loader: DataLoader) -> dict[str, Any]:
+    """How `loader` loads (workers, pinning, timeouts), whichever rows make up its batches."""
+    return {
+        "num_workers": loader.num_workers,
+        "pin_memory": loader.pin_memory,
+        "timeout": loader.timeout,
+        "worker_init_fn": loader.worker_init_fn,
+        "multiprocessing_context": loader.multiprocessing_context,
+        "prefetch_factor": loader.prefetch_factor,
+        "persistent_workers": loader.persistent_workers,
+        "pin_memory_device": loader.pin_memory_device,
+        "in_order": loader.in_order,
+    }
+
+
+def _same_batches(loader: DataLoader) -> dict[str, Any]:
+    """DataLoader arguments that draw `loader`'s batches: its own sampler objects, collate
+    function and generator (so the random draws are the ones `loader` would make)."""
+    if isinstance(loader.dataset, IterableDataset):
+        batching: dict[str, Any] = {"batch_size": loader.batch_size, "drop_last": loader.drop_last}
+    elif loader.batch_sampler is not None:
+        batching = {"batch_sampler": loader.batch_sampler}
+    else:  # batch_size=None: no automatic batching
+        batching = {"batch_size": None, "sampler": loader.sampler}
+    return {
+        **batching,
+        "collate_fn": loader.collate_fn,
+        "generator": loader.generator,
+        **_worker_options(loader),
+    }
 
 
 def batch_size_of(batch: Any) -> int:
@@ -99,8 +124,13 @@ def split_batch(batch: Any, size: int) -> list[Any]:
     return [cut(batch, s) for s in starts]
 
 
-class DPDataLoader:
-    """Iterates micro-batches of the logical (Poisson) batches and drives the optimizer's skips."""
+class DPDataLoader(DataLoader):
+    """A torch `DataLoader` drawing the logical (Poisson) batches of `loader`: it yields their
+    micro-batches and drives the optimizer's skips and noise-only steps.
+
+    `len()` is the number of logical batches per epoch (micro-batches are not counted);
+    `dataset`, `batch_sampler`, `collate_fn` and the worker settings are `loader`'s.
+    """
 
     def __init__(
         self,
@@ -111,18 +141,13 @@ class DPDataLoader:
     ) -> None:
         if max_physical_batch_size is not None and max_physical_batch_size < 1:
             raise ValueError(f"max_physical_batch_size must be >= 1, got {max_physical_batch_size}")
-        self.loader = loader
+        super().__init__(loader.dataset, **_same_batches(loader))
         self.optimizer = optimizer
         self.max_physical_batch_size = max_physical_batch_size
         self.sample_rate = sample_rate
-        self.dataset = loader.dataset
-
-    def __len__(self) -> int:
-        """Number of logical batches per epoch (micro-batches are not counted)."""
-        return len(self.loader)
 
     def __iter__(self) -> Iterator[Any]:
-        for batch in self.loader:
+        for batch in super().__iter__():
             self.optimizer.begin_logical_batch()
             n = batch_size_of(batch)
             if n == 0:

@@ -63,7 +63,6 @@ class PrivacyEngine:
         self.target_epsilon: float | None = None
         self.target_delta: float | None = None
         self.steps = 0
-        self.optimizer: DPOptimizer | None = None
         self._hooks: PerSampleHooks | None = None
         self._prior: list[tuple[float, float, int]] = []
         self._safe_steps = 0
@@ -187,35 +186,8 @@ class PrivacyEngine:
             before_step=self._check_budget,
             after_step=self._account_step,
         )
-        self.optimizer = dp_optimizer
         dp_loader = DPDataLoader(loader, dp_optimizer, max_physical_batch_size, sample_rate)
         return module, dp_optimizer, dp_loader
-
-    def make_private_with_epsilon(
-        self,
-        *,
-        module: nn.Module,
-        optimizer: Optimizer,
-        data_loader: DataLoader,
-        target_epsilon: float,
-        target_delta: float,
-        epochs: float | None = None,
-        steps: int | None = None,
-        max_grad_norm: float = 1.0,
-        **kwargs: Any,
-    ) -> tuple[nn.Module, DPOptimizer, DPDataLoader]:
-        """Opacus-style alias: calibrate the noise to (ε, δ) over `epochs` (or `steps`)."""
-        return self.make_private(
-            module=module,
-            optimizer=optimizer,
-            data_loader=data_loader,
-            target_epsilon=target_epsilon,
-            target_delta=target_delta,
-            epochs=epochs,
-            steps=steps,
-            max_grad_norm=max_grad_norm,
-            **kwargs,
-        )
 
     def detach(self) -> None:
         """Remove the hooks from the model (it trains non-privately again)."""
@@ -268,10 +240,6 @@ class PrivacyEngine:
         return accounting.compute_epsilon(
             self.accountant.history, delta, self.mechanism, self.relation
         )
-
-    def epsilon(self, delta: float | None = None) -> float:
-        """Alias of `get_epsilon`."""
-        return self.get_epsilon(delta)
 
     def privacy_spent(self, delta: float | None = None) -> PrivacySpent:
         """ε, δ, steps and mechanism parameters: what a federated device reports."""

@@ -1,10 +1,20 @@
-"""Exceptions raised by fedtrust.privacy, each with a one-line message saying what to do."""
+"""Exceptions raised by fedtrust.privacy, each with a one-line message saying what to do.
+
+Their base is `fedtrust.errors.PrivacyError` (a `FedtrustError`), so the CLI prints them as one
+line like every other bad-input error.
+"""
 
 from __future__ import annotations
 
+from fedtrust.errors import PrivacyError
 
-class PrivacyError(Exception):
-    """Base class of every error raised by fedtrust.privacy."""
+__all__ = [
+    "BudgetTooSmallError",
+    "InvalidPrivacyParameterError",
+    "PrivacyBudgetExhausted",
+    "PrivacyError",
+    "UnsupportedModuleError",
+]
 
 
 class InvalidPrivacyParameterError(PrivacyError, ValueError):

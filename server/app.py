@@ -1,66 +1,55 @@
-"""The Flower ServerApp.
+"""The Flower ServerApp: runs fedtrust's round loop with the parts its caller builds.
 
-`make_server_app` builds the app the simulation runner uses (config and run folder given in
-Python); the module-level `app` is what `flwr run .` loads, reading the same settings from the
-Flower run config (`config`, `set`, `output-dir`, see pyproject.toml).
+The caller (an experiment runner, or the `flwr run .` entry point in `fedtrust.simulations`)
+says how to build a `Federation` from the Flower context, and what to do with the result.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from flwr.app import Context
+from flwr.app import ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
-from .federation import run_federation
+from .evaluation import CentralEvaluator
+from .federation import FederationResult, RoundCallback, run_federation
+from .strategy import DeviceSampling
+
+
+@dataclass
+class Federation:
+    """Everything one federated run needs on the server side."""
+
+    strategy: DeviceSampling
+    evaluator: CentralEvaluator
+    run_dir: Path  # where the checkpoint lives
+    rounds: int
+    num_devices: int
+    device_config: ConfigRecord  # sent to every device with every message
+    callbacks: Sequence[RoundCallback] = field(default_factory=tuple)
 
 
 def make_server_app(
-    cfg,
-    run_dir: Path,
-    on_round: Callable[[dict[str, Any]], None] | None = None,
-    result: dict[str, Any] | None = None,
+    build: Callable[[Context], Federation],
+    on_result: Callable[[Federation, FederationResult], None],
 ) -> ServerApp:
-    from fedtrust.simulations.population import cached_population
-
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        population = cached_population(cfg)
-        final = run_federation(
-            grid, cfg, run_dir, population.task, population.size, population.counts, on_round
+        federation = build(context)
+        result = run_federation(
+            grid,
+            federation.strategy,
+            federation.evaluator,
+            federation.run_dir,
+            rounds=federation.rounds,
+            num_devices=federation.num_devices,
+            device_config=federation.device_config,
+            callbacks=federation.callbacks,
         )
-        if result is not None:
-            result["final"] = final
+        on_result(federation, result)
 
     return app
-
-
-app = ServerApp()
-
-
-@app.main()
-def main(grid: Grid, context: Context) -> None:
-    """Entry point for `flwr run .`: same loop, settings from the Flower run config."""
-    from fedtrust.simulations.config import load_config
-    from fedtrust.simulations.runner import finish_run, start_run
-
-    run_config = context.run_config
-    overrides = [s for s in str(run_config.get("set", "")).split(";") if s.strip()]
-    cfg = load_config(str(run_config.get("config", "")) or None, overrides)
-    if run_config.get("output-dir"):
-        cfg.run.output_dir = str(run_config["output-dir"])
-    run_dir, population = start_run(cfg)
-    final = run_federation(
-        grid,
-        cfg,
-        run_dir,
-        population.task,
-        population.size,
-        population.counts,
-        lambda row: print(f"round {row['round']}: {row}", flush=True),
-    )
-    finish_run(cfg, run_dir, population, final)

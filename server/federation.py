@@ -2,88 +2,87 @@
 
 Flower's `Strategy.start` runs a fixed loop; fedtrust keeps the same steps (the strategy's
 configure/aggregate methods and `grid.send_and_receive`) in its own loop so that each round ends
-with a checkpoint and a line in metrics.jsonl, and a stopped run resumes from its last round.
+with a checkpoint, and a stopped run resumes from its last round. What happens with each round's
+metrics (a metrics file, a progress line) is up to the callbacks the caller passes.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 
-from fedtrust.privacy.noise import REPRODUCIBLE_NOISE_WARNING
-from fedtrust.tasks import Task, trainable_state
+from fedtrust.tasks import trainable_state
 
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .evaluation import CentralEvaluator
-from .registry import check_in
-from .selection import make_selection
-from .strategy import make_strategy
+from .registry import DeviceRegistry, PrivacyLedger
+from .strategy import DeviceSampling
 
 log = logging.getLogger(__name__)
-METRICS = "metrics.jsonl"
-AUDIT_FILE = "privacy_audit.json"
 
 
-def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / METRICS
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+class RoundCallback(Protocol):
+    def on_start(self, first_round: int, initial: dict[str, Any] | None) -> None:
+        """Called once: the first round to run, and round 0's metrics (None when resuming)."""
+
+    def on_round(self, row: dict[str, Any]) -> None:
+        """Called after every round with its metrics, before its checkpoint is written (a run
+        that stops in between redoes the round when resumed: `on_start` says from where)."""
 
 
-def _keep_rounds(run_dir: Path, last_round: int) -> None:
-    """Drop metric lines of rounds after the checkpoint (a crash may have left one)."""
-    rows = [r for r in read_metrics(run_dir) if r["round"] <= last_round]
-    (run_dir / METRICS).write_text("".join(json.dumps(r) + "\n" for r in rows))
+@dataclass
+class FederationResult:
+    final: dict[str, Any]  # metrics of the final model on the whole test split
+    arrays: dict[str, np.ndarray]  # the final model's trainable tensors
+    device_privacy: dict[str, dict[str, Any]]  # sample-level DP: each device's own report
+    audit: dict[str, Any] | None  # user-level DP with canary devices: claimed vs audited ε
 
 
 def run_federation(
     grid: Grid,
-    cfg,
+    strategy: DeviceSampling,
+    evaluator: CentralEvaluator,
     run_dir: Path,
-    task: Task,
+    *,
+    rounds: int,
     num_devices: int,
-    metadata: Callable[[int], np.ndarray] | None = None,
-    on_round: Callable[[dict[str, Any]], None] | None = None,
+    device_config: ConfigRecord,
+    callbacks: Sequence[RoundCallback] = (),
     timeout: float = 3600.0,
-) -> dict[str, Any]:
-    """Run (or resume) `cfg.server.rounds` rounds; returns the final full-test metrics."""
-    message_config = ConfigRecord({"fedtrust-config": json.dumps(cfg.to_dict())})
-    registry = check_in(grid, message_config, expected=num_devices, timeout=timeout)
-    registry.metadata = metadata
-    strategy = make_strategy(cfg, registry, make_selection(cfg.selection))
-    evaluator = CentralEvaluator(
-        task, cfg.run.seed, cfg.server.eval_examples, cfg.server.eval_batch_size
-    )
+) -> FederationResult:
+    """Run (or resume from `run_dir`'s checkpoint) `rounds` rounds with `num_devices` devices.
 
+    `device_config` goes to every device with every message (plus `server-round`); the server
+    does not read it.
+    """
+    registry: DeviceRegistry = strategy.registry
+    registry.check_in(grid, device_config, expected=num_devices, timeout=timeout)
     checkpoint = load_checkpoint(run_dir)
     if checkpoint is None:
         arrays = ArrayRecord({k: v.clone() for k, v in trainable_state(evaluator.model).items()})
         start = 1
-        (run_dir / METRICS).write_text("")
-        _append(run_dir, {"round": 0, **evaluator(arrays), "seconds": 0.0})
+        initial: dict[str, Any] | None = {"round": 0, **evaluator(arrays), "seconds": 0.0}
     else:
-        last, saved, state, extra = checkpoint
-        arrays = ArrayRecord({k: Array(v) for k, v in saved.items()})
-        strategy.load_state(state)
-        registry.privacy = {int(d): p for d, p in extra.get("privacy", {}).items()}
-        _keep_rounds(run_dir, last)
-        start = last + 1
-        log.info("resuming after round %d", last)
+        arrays = ArrayRecord({k: Array(v) for k, v in checkpoint.arrays.items()})
+        strategy.load_state(checkpoint.strategy_state)
+        registry.ledger = PrivacyLedger.from_json(checkpoint.device_privacy)
+        start, initial = checkpoint.round + 1, None
+        log.info("resuming after round %d", checkpoint.round)
+    for callback in callbacks:
+        callback.on_start(start, initial)
 
-    for server_round in range(start, cfg.server.rounds + 1):
+    for server_round in range(start, rounds + 1):
         began = time.perf_counter()
-        messages = strategy.configure_train(
-            server_round, arrays, ConfigRecord(message_config), grid
-        )
+        # Flower's configure_train adds `server-round` to the config it sends
+        messages = strategy.configure_train(server_round, arrays, ConfigRecord(device_config), grid)
         replies = grid.send_and_receive(messages, timeout=timeout)
         new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
         arrays = new_arrays or arrays
@@ -92,41 +91,20 @@ def run_federation(
             **evaluator(arrays),
             **{k: float(v) for k, v in (train_metrics or {}).items() if k == "train_loss"},
             **strategy.last_selection,
-            **_privacy_metrics(strategy, registry, server_round, cfg.privacy),
+            **strategy.privacy(server_round),
             "seconds": time.perf_counter() - began,
         }
-        _append(run_dir, row)
+        for callback in callbacks:  # before the checkpoint: a resumed run redoes this round
+            callback.on_round(row)
         arrays_np = {k: v.numpy() for k, v in arrays.items()}
-        extra = {"privacy": registry.privacy}
-        save_checkpoint(run_dir, server_round, arrays_np, strategy.state(), extra)
-        if on_round:
-            on_round(row)
+        save_checkpoint(
+            run_dir,
+            Checkpoint(server_round, arrays_np, strategy.state(), registry.ledger.to_json()),
+        )
 
-    final = evaluator(arrays, full=True)
-    task.save(evaluator.model, run_dir / "model")
-    audit = getattr(strategy, "one_run_audit", lambda rounds: None)(cfg.server.rounds)
-    if audit is not None:  # user-level DP with canary devices: claimed vs audited ε
-        (run_dir / AUDIT_FILE).write_text(json.dumps(audit, indent=1))
-    if registry.privacy:  # per-device sample-level DP: each device's own ε
-        per_device = {str(d): registry.privacy[d] for d in sorted(registry.privacy)}
-        (run_dir / "device_privacy.json").write_text(json.dumps(per_device, indent=1))
-    return final
-
-
-def _privacy_metrics(strategy, registry, server_round: int, privacy) -> dict[str, Any]:
-    """ε so far with its δ, neighbouring relation and accountant: the server's (user-level
-    DP) or the devices' (sample-level DP, the worst device)."""
-    if not privacy.enabled:
-        return {}
-    if hasattr(strategy, "epsilon"):
-        out = dict(strategy.epsilon(server_round))
-    else:  # each device reports its ε with its δ, relation and accountant
-        out = registry.epsilon_summary()
-    if privacy.reproducible_noise:
-        out["noise"] = REPRODUCIBLE_NOISE_WARNING
-    return out
-
-
-def _append(run_dir: Path, row: dict[str, Any]) -> None:
-    with (run_dir / METRICS).open("a") as f:
-        f.write(json.dumps(row) + "\n")
+    return FederationResult(
+        final=evaluator(arrays, full=True),
+        arrays={k: v.numpy() for k, v in arrays.items()},
+        device_privacy=registry.ledger.to_json(),
+        audit=strategy.one_run_audit(rounds),
+    )

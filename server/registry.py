@@ -1,37 +1,95 @@
-"""What the server knows about devices: which node is which device, and how much data each holds.
+"""What the server knows about devices: which node is which device (the roster), how much data
+each holds (counts), and what each reported about its own privacy budget (the ledger).
 
-Devices check in once (a query message at the start of a run); after that the server never asks the
-whole population again. Per-round counts come from device metadata: the simulated population's
-schedule when there is one, else the count each device reported the last time it took part.
+Devices check in once (a query message at the start of a run); after that the server never asks
+the whole population again. Per-round counts come from device metadata: the simulated
+population's schedule when there is one, else the count each device reported the last time it
+took part.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
+from fedtrust.errors import FederationError
+
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class DevicePrivacy:
+    """A device's own report of its sample-level DP budget (it keeps the accountant history)."""
+
+    epsilon: float
+    delta: float
+    relation: str
+    accountant: str
+    participations: int
+    exhausted: bool
+
+    @classmethod
+    def from_reply(cls, info: ConfigRecord) -> DevicePrivacy:
+        return cls(
+            epsilon=float(info["epsilon"]),
+            delta=float(info["delta"]),
+            relation=str(info["relation"]),
+            accountant=str(info["accountant"]),
+            participations=int(info["participations"]),
+            exhausted=bool(info["budget-exhausted"]),
+        )
+
+
+class PrivacyLedger:
+    """Sample-level DP: each device's latest report, the run's worst ε, who is out of budget."""
+
+    def __init__(self, devices: dict[int, DevicePrivacy] | None = None) -> None:
+        self.devices = dict(devices or {})
+
+    def exhausted(self) -> list[int]:
+        return [d for d, p in self.devices.items() if p.exhausted]
+
+    def summary(self) -> dict[str, Any]:
+        """The largest and the mean ε over devices that trained so far ({} before any)."""
+        if not self.devices:
+            return {}
+        worst = max(self.devices.values(), key=lambda p: p.epsilon)
+        return {
+            "epsilon": worst.epsilon,
+            "delta": worst.delta,
+            "relation": worst.relation,
+            "accountant": worst.accountant,
+            "epsilon_mean": float(np.mean([p.epsilon for p in self.devices.values()])),
+            "devices_out_of_budget": len(self.exhausted()),
+        }
+
+    def to_json(self) -> dict[str, dict[str, Any]]:
+        return {str(d): dataclasses.asdict(self.devices[d]) for d in sorted(self.devices)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, dict[str, Any]]) -> PrivacyLedger:
+        return cls({int(d): DevicePrivacy(**p) for d, p in data.items()})
 
 
 class DeviceRegistry:
     def __init__(
         self,
-        node_of_device: dict[int, int],
+        node_of_device: dict[int, int] | None = None,
         metadata: Callable[[int], np.ndarray] | None = None,
         reported: dict[int, int] | None = None,
     ) -> None:
-        self.node_of_device = dict(node_of_device)
-        self.device_of_node = {n: d for d, n in self.node_of_device.items()}
+        self.node_of_device = dict(node_of_device or {})
         self.metadata = metadata
         self.reported = dict(reported or {})
-        # Sample-level DP: what each device reported about its own budget (epsilon, delta,
-        # participations, exhausted). Devices keep their accountant history themselves.
-        self.privacy: dict[int, dict] = {}
+        self.ledger = PrivacyLedger()
 
     @property
     def size(self) -> int:
@@ -45,10 +103,10 @@ class DeviceRegistry:
         if self.metadata is not None:
             counts = np.asarray(self.metadata(server_round))
             if len(counts) != self.size:
-                raise RuntimeError(f"metadata has {len(counts)} devices, {self.size} checked in")
+                raise FederationError(f"metadata has {len(counts)} devices, {self.size} checked in")
         else:
             counts = np.asarray([self.reported.get(d, 0) for d in range(self.size)])
-        spent = [d for d, p in self.privacy.items() if p["exhausted"]]
+        spent = self.ledger.exhausted()
         if spent:
             counts = counts.copy()
             counts[spent] = 0
@@ -62,53 +120,33 @@ class DeviceRegistry:
                 device = int(info["device"])
                 self.reported[device] = int(info["available"])
                 if "epsilon" in info:
-                    self.privacy[device] = {
-                        "epsilon": float(info["epsilon"]),
-                        "delta": float(info["delta"]),
-                        "relation": str(info["relation"]),
-                        "accountant": str(info["accountant"]),
-                        "participations": int(info["participations"]),
-                        "exhausted": bool(info["budget-exhausted"]),
-                    }
+                    self.ledger.devices[device] = DevicePrivacy.from_reply(info)
 
-    def epsilon_summary(self) -> dict[str, float]:
-        """Sample-level DP: the largest and the mean ε over devices that trained so far."""
-        if not self.privacy:
-            return {}
-        worst = max(self.privacy.values(), key=lambda p: p["epsilon"])
-        return {
-            "epsilon": worst["epsilon"],
-            "delta": worst["delta"],
-            "relation": worst["relation"],
-            "accountant": worst["accountant"],
-            "epsilon_mean": float(np.mean([p["epsilon"] for p in self.privacy.values()])),
-            "devices_out_of_budget": sum(p["exhausted"] for p in self.privacy.values()),
-        }
-
-
-def check_in(
-    grid: Grid, config: ConfigRecord, expected: int, timeout: float = 600.0
-) -> DeviceRegistry:
-    """Wait for `expected` nodes, then ask each once which device it is and what it holds."""
-    deadline = time.monotonic() + timeout
-    while len(nodes := list(grid.get_node_ids())) < expected:
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"only {len(nodes)} of {expected} devices connected in {timeout} s")
-        time.sleep(0.2)
-    config = ConfigRecord({**config, "server-round": 1})
-    messages = [
-        Message(RecordDict({"config": config}), dst_node_id=n, message_type=MessageType.QUERY)
-        for n in nodes
-    ]
-    mapping, reported = {}, {}
-    for reply in grid.send_and_receive(messages, timeout=timeout):
-        if reply.has_error():
-            raise RuntimeError(f"device check-in failed: {reply.error.reason}")
-        info = reply.content["device"]
-        mapping[int(info["device"])] = reply.metadata.src_node_id
-        reported[int(info["device"])] = int(info["available"])
-    missing = sorted(set(range(len(nodes))) - set(mapping))
-    if missing:
-        raise RuntimeError(f"{len(missing)} devices did not check in (e.g. device {missing[0]})")
-    log.info("%d devices checked in", len(mapping))
-    return DeviceRegistry(mapping, reported=reported)
+    def check_in(
+        self, grid: Grid, config: ConfigRecord, expected: int, timeout: float = 600.0
+    ) -> None:
+        """Wait for `expected` nodes, then ask each once which device it is and what it holds."""
+        deadline = time.monotonic() + timeout
+        while len(nodes := list(grid.get_node_ids())) < expected:
+            if time.monotonic() > deadline:
+                raise FederationError(
+                    f"only {len(nodes)} of {expected} devices connected in {timeout} s"
+                )
+            time.sleep(0.2)
+        config = ConfigRecord({**config, "server-round": 1})
+        messages = [
+            Message(RecordDict({"config": config}), dst_node_id=n, message_type=MessageType.QUERY)
+            for n in nodes
+        ]
+        for reply in grid.send_and_receive(messages, timeout=timeout):
+            if reply.has_error():
+                raise FederationError(f"device check-in failed: {reply.error.reason}")
+            info = reply.content["device"]
+            self.node_of_device[int(info["device"])] = reply.metadata.src_node_id
+            self.reported[int(info["device"])] = int(info["available"])
+        missing = sorted(set(range(len(nodes))) - set(self.node_of_device))
+        if missing:
+            raise FederationError(
+                f"{len(missing)} devices did not check in (e.g. device {missing[0]})"
+            )
+        log.info("%d devices checked in", self.size)

@@ -17,6 +17,8 @@ import logging
 
 import numpy as np
 
+from fedtrust.errors import FederationError
+
 log = logging.getLogger(__name__)
 
 
@@ -39,7 +41,7 @@ class Selection:
         w = self.weights(np.asarray(counts, dtype=float))
         eligible = int((w > 0).sum())
         if eligible == 0:
-            raise RuntimeError("no device has any available example: nothing can be trained")
+            raise FederationError("no device has any available example: nothing can be trained")
         if eligible < k:
             log.warning("only %d devices have data; selecting all of them (asked %d)", eligible, k)
             k = eligible
@@ -129,11 +131,6 @@ def poisson_draw(inclusion: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Poisson sampling: each device independently with its probability; sorted indices."""
     p = np.asarray(inclusion, dtype=float)
     return np.flatnonzero(rng.random(len(p)) < p)
-
-
-def make_selection(cfg) -> Selection:
-    """From a SelectionConfig."""
-    return ActivitySelection(cfg.beta) if cfg.strategy == "activity" else UniformSelection()
 
 
 def aggregation_weights(

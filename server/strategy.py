@@ -4,22 +4,25 @@
 *which* nodes get a training message and *how much* each reply weighs; averaging, server
 optimisers and message handling stay Flower's.
 
-Under user-level DP (`privacy.level = "user"`) the mixin samples devices by Poisson sampling and
-turns the replies into one clipped, noised mean update (`fedtrust.server.user_dp`) BEFORE the
-server optimizer: Flower's strategy then gets a single synthetic reply carrying global + noisy
-mean, so FedAvg moves to it and FedAdam uses the noisy mean as its pseudo-gradient. The
-optimizer, moments included, only ever sees released (noised) means.
+Under user-level DP (a `DPFedAvg` passed as `user_dp`) the mixin samples devices by Poisson
+sampling and turns the replies into one clipped, noised mean update (`fedtrust.server.user_dp`)
+BEFORE the server optimizer: Flower's strategy then gets a single synthetic reply carrying
+global + noisy mean, so FedAvg moves to it and FedAdam uses the noisy mean as its
+pseudo-gradient. The optimizer, moments included, only ever sees released (noised) means.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg
+
+from fedtrust.errors import FederationError
 
 from .registry import DeviceRegistry
 from .selection import Selection, aggregation_weights
@@ -55,19 +58,36 @@ class _Release:
 
 
 class DeviceSampling:
-    """Mixin: call `attach(...)` before the first round."""
+    """Mixin over a Flower strategy: fedtrust's settings are keyword arguments next to Flower's.
 
-    def attach(
+    `registry`: what the server knows about devices (filled by its check-in); `selection` and
+    `devices_per_round`: who trains; `weighting`: how much each reply weighs
+    (`fedtrust.server.selection.aggregation_weights`); `user_dp`: user-level DP-FedAvg, which
+    replaces selection by Poisson sampling and the replies by one clipped, noised mean.
+    """
+
+    def __init__(
         self,
+        *,
         registry: DeviceRegistry,
         selection: Selection,
         devices_per_round: int,
-        weighting: str,
-        seed: int,
+        weighting: str = "examples",
+        seed: int = 0,
         user_dp: DPFedAvg | None = None,
+        **flower_kwargs: Any,
     ) -> None:
+        common = dict(
+            fraction_train=1.0,  # fedtrust chooses the nodes; Flower trains all it is shown
+            fraction_evaluate=0.0,  # evaluation is central, on the server's held-out split
+            min_train_nodes=1,
+            min_available_nodes=1,
+            weighted_by_key=WEIGHT_KEY,
+        )
+        super().__init__(**(common | flower_kwargs))
         self.registry, self.selection = registry, selection
-        self.devices_per_round, self.weighting, self.seed = devices_per_round, weighting, seed
+        self.devices_per_round, self.seed = devices_per_round, seed
+        self.weighting = "equal" if user_dp is not None else weighting
         self.user_dp = user_dp
         self.last_selection: dict[str, list | int] = {}
 
@@ -124,8 +144,7 @@ class DeviceSampling:
         # A sampled device without data has nothing to send: it counts as one that did not reply.
         nodes = [self.registry.node_of_device[int(d)] for d in sampled if counts[d] > 0]
         if not nodes:  # nobody to ask; the round still releases the noise-only update
-            if hasattr(self, "current_arrays"):  # what FedOpt's configure_train would keep
-                self.current_arrays = {k: a.numpy() for k, a in arrays.items()}
+            self._keep_global(arrays)
             return []
         return super().configure_train(server_round, arrays, config, ChosenNodes(grid, nodes))
 
@@ -166,100 +185,48 @@ class DeviceSampling:
             )
         return ArrayRecord(out)
 
+    def _keep_global(self, arrays: ArrayRecord) -> None:
+        """A round without training messages: keep what the server optimizer needs."""
+
     def state(self) -> dict[str, dict[str, np.ndarray]]:
-        """Optimizer state a checkpoint must keep (FedAdam moments)."""
-        return {k: v for k in ("m_t", "v_t") if (v := getattr(self, k, None))}
+        """What a checkpoint must keep of the strategy (server-optimizer state, DP state)."""
+        return self.user_dp.state() if self.user_dp is not None else {}
 
     def load_state(self, state: dict[str, dict[str, np.ndarray]]) -> None:
-        for key, value in state.items():
-            setattr(self, key, value)
+        if self.user_dp is not None:
+            self.user_dp.load_state(state)
+
+    def privacy(self, server_round: int) -> dict[str, Any]:
+        """ε so far with its δ, neighbouring relation and accountant ({} without DP):
+        the server's mechanism (user level) or the devices' own reports (sample level)."""
+        if self.user_dp is not None:
+            return dict(self.user_dp.epsilon(server_round))
+        return self.registry.ledger.summary()
+
+    def one_run_audit(self, rounds: int) -> dict[str, Any] | None:
+        """Claimed vs audited ε when user-level DP planted canary devices, else None."""
+        return self.user_dp.one_run_audit(rounds) if self.user_dp is not None else None
 
 
 class SampledFedAvg(DeviceSampling, FedAvg):
-    pass
+    """Flower's FedAvg with fedtrust's device selection, weights and optional user-level DP."""
 
 
 class SampledFedAdam(DeviceSampling, FedAdam):
-    pass
+    """Flower's FedAdam (server-side Adam on the mean update) with fedtrust's selection."""
+
+    def _keep_global(self, arrays: ArrayRecord) -> None:
+        self.current_arrays = {k: a.numpy() for k, a in arrays.items()}  # as FedOpt would
+
+    def state(self) -> dict[str, dict[str, np.ndarray]]:
+        moments = {name: value for name in ("m_t", "v_t") if (value := getattr(self, name))}
+        return super().state() | moments
+
+    def load_state(self, state: dict[str, dict[str, np.ndarray]]) -> None:
+        super().load_state(state)
+        self.m_t, self.v_t = state.get("m_t"), state.get("v_t")
 
 
 def _raise_all_failed(server_round: int, replies: list[Message]) -> None:
     reasons = "; ".join(sorted({m.error.reason.strip().splitlines()[-1] for m in replies}))
-    raise RuntimeError(f"round {server_round}: every device failed: {reasons}")
-
-
-class UserLevelDP:
-    """The round loop's view of a strategy under user-level DP: the strategy and its ε report.
-
-    The mechanism (Poisson device sampling, clipping, noise before the server optimizer) runs
-    inside the strategy (`DeviceSampling` with `user_dp` attached); see `fedtrust.server.user_dp`.
-    """
-
-    def __init__(self, strategy: DeviceSampling, mechanism: DPFedAvg) -> None:
-        self.strategy, self.mechanism = strategy, mechanism
-
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        return self.strategy.configure_train(server_round, arrays, config, grid)
-
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        return self.strategy.aggregate_train(server_round, replies)
-
-    @property
-    def last_selection(self) -> dict[str, int]:
-        return self.strategy.last_selection
-
-    @property
-    def noise_multiplier(self) -> float:
-        return self.mechanism.noise_multiplier
-
-    def state(self) -> dict[str, dict[str, np.ndarray]]:
-        return self.strategy.state() | self.mechanism.state()
-
-    def load_state(self, state: dict[str, dict[str, np.ndarray]]) -> None:
-        self.mechanism.load_state(state)
-        self.strategy.load_state({k: v for k, v in state.items() if k != "canaries"})
-
-    def epsilon(self, rounds: int) -> dict[str, float | str]:
-        """ε after `rounds` rounds, δ, noise multiplier, sample rate, accountant, relation."""
-        return self.mechanism.epsilon(rounds)
-
-    def one_run_audit(self, rounds: int) -> dict | None:
-        return self.mechanism.one_run_audit(rounds)
-
-
-def make_strategy(
-    cfg, registry: DeviceRegistry, selection: Selection
-) -> DeviceSampling | UserLevelDP:
-    """Build the strategy named by cfg.server.aggregation (a Config), with DP if configured."""
-    common = dict(
-        fraction_train=1.0,
-        fraction_evaluate=0.0,  # evaluation is central, on the server's held-out split
-        min_train_nodes=1,
-        min_available_nodes=1,
-        weighted_by_key=WEIGHT_KEY,
-    )
-    if cfg.server.aggregation == "fedadam":
-        strategy: DeviceSampling = SampledFedAdam(
-            **common,
-            eta=cfg.server.server_lr,
-            eta_l=cfg.client.lr,
-            beta_1=cfg.server.beta_1,
-            beta_2=cfg.server.beta_2,
-            tau=cfg.server.tau,
-        )
-    else:
-        strategy = SampledFedAvg(**common)
-    privacy = cfg.privacy
-    user_dp = privacy.enabled and privacy.level == "user"
-    weighting = "equal" if user_dp else cfg.selection.weighting
-    mechanism = DPFedAvg.from_config(cfg, registry.size) if user_dp else None
-    strategy.attach(
-        registry, selection, cfg.selection.devices_per_round, weighting, cfg.run.seed, mechanism
-    )
-    if mechanism is None:
-        return strategy
-    return UserLevelDP(strategy, mechanism)
+    raise FederationError(f"round {server_round}: every device failed: {reasons}")

@@ -40,6 +40,8 @@ from typing import Any
 
 import numpy as np
 
+from fedtrust.errors import ConfigError
+from fedtrust.privacy.accounting import calibrate_noise, compute_epsilon, resolve_delta
 from fedtrust.privacy.attacks.one_run import CanaryDevices
 
 from .selection import Selection, capped_inclusion, poisson_draw
@@ -93,7 +95,7 @@ def clipped_noisy_mean(
 
 
 class DPFedAvg:
-    """Sampling, clipped noisy mean and ε of user-level DP; build with `from_config`."""
+    """Sampling, clipped noisy mean and ε of user-level DP; build with `create`."""
 
     def __init__(
         self,
@@ -109,6 +111,7 @@ class DPFedAvg:
         accountant: str,
         seed: int,
         reproducible: bool,
+        audit_canaries: int = 0,
     ) -> None:
         self.noise_multiplier, self.clip = noise_multiplier, clip
         self.k, self.num_devices = devices_per_round, num_devices
@@ -117,61 +120,75 @@ class DPFedAvg:
         self.sample_rate = max_inclusion if capped else devices_per_round / num_devices
         self.delta, self.accountant = delta, accountant
         self.seed, self.reproducible = seed, reproducible
-        self.audit_canaries = 0  # > 0: the one-run audit plants this many canary devices
+        self.audit_canaries = audit_canaries  # > 0: the one-run audit plants this many canaries
         self.canaries: CanaryDevices | None = None
         self._canary_state: dict[str, np.ndarray] | None = None
 
     @classmethod
-    def from_config(cls, cfg, num_devices: int) -> DPFedAvg:
-        """Check the settings (one-line ValueErrors) and calibrate σ to privacy.target_epsilon."""
-        from fedtrust.privacy.accounting import calibrate_noise, default_delta
-
-        p, k = cfg.privacy, cfg.selection.devices_per_round
+    def create(
+        cls,
+        *,
+        num_devices: int,
+        devices_per_round: int,
+        clip: float,
+        rounds: int,
+        noise_multiplier: float = 0.0,
+        target_epsilon: float = 0.0,
+        target_delta: float = 0.0,
+        max_inclusion: float = 0.0,
+        activity_reference: float = 0.0,
+        activity: bool = False,
+        accountant: str = "pld",
+        seed: int = 0,
+        reproducible: bool = False,
+        audit_canaries: int = 0,
+    ) -> DPFedAvg:
+        """Check the settings (one-line ConfigErrors) and calibrate σ to `target_epsilon` over
+        `rounds` rounds (else use `noise_multiplier`). `max_inclusion` 0 = min(1, 2k/N);
+        `target_delta` 0 = default_delta(N); `activity`: activity-based selection, capped."""
+        k = devices_per_round
         if num_devices < 1 or k > num_devices:
-            raise ValueError(
+            raise ConfigError(
                 f"selection.devices_per_round = {k} is larger than the population "
                 f"({num_devices} devices): user-level DP samples each device with probability "
                 "devices_per_round / devices, which must be <= 1"
             )
-        q_max = p.max_inclusion or min(1.0, 2 * k / num_devices)
+        q_max = max_inclusion or min(1.0, 2 * k / num_devices)
         if not k / num_devices <= q_max <= 1:
-            raise ValueError(
-                f"privacy.max_inclusion = {p.max_inclusion} must be in [devices_per_round / "
+            raise ConfigError(
+                f"privacy.max_inclusion = {max_inclusion} must be in [devices_per_round / "
                 f"devices, 1] = [{k / num_devices:.4g}, 1] (0 = min(1, 2k/N))"
             )
-        capped = cfg.selection.strategy == "activity"
-        if capped and not p.activity_reference > 0:
-            raise ValueError(
+        if activity and not activity_reference > 0:
+            raise ConfigError(
                 "privacy.activity_reference: user-level DP with activity selection needs a "
                 "public reference example count (a device holding that many is sampled at "
                 "k/N); probabilities normalised over the population would depend on every "
                 "device's data"
             )
-        delta = p.target_delta or default_delta(num_devices)
+        delta = resolve_delta(target_delta, num_devices)
         if not 0 < delta < 1 / num_devices:
-            raise ValueError(
+            raise ConfigError(
                 f"privacy.target_delta = {delta} must be below 1/N = {1 / num_devices:.4g} "
                 f"for N = {num_devices} devices (user-level DP protects devices)"
             )
         mech = cls(
-            noise_multiplier=p.noise_multiplier,
-            clip=p.max_grad_norm,
+            noise_multiplier=noise_multiplier,
+            clip=clip,
             devices_per_round=k,
             num_devices=num_devices,
             max_inclusion=q_max,
-            capped=capped,
-            reference=p.activity_reference,
+            capped=activity,
+            reference=activity_reference,
             delta=delta,
-            accountant=p.accountant,
-            seed=cfg.run.seed,
-            reproducible=p.reproducible_noise,
+            accountant=accountant,
+            seed=seed,
+            reproducible=reproducible,
+            audit_canaries=audit_canaries,
         )
-        mech.audit_canaries = p.audit_canaries
-        if p.target_epsilon > 0:
+        if target_epsilon > 0:
             mech.noise_multiplier = float(
-                calibrate_noise(
-                    p.target_epsilon, delta, mech.sample_rate, cfg.server.rounds, p.accountant
-                )
+                calibrate_noise(target_epsilon, delta, mech.sample_rate, rounds, accountant)
             )
         return mech
 
@@ -235,8 +252,6 @@ class DPFedAvg:
 
     def epsilon(self, rounds: int) -> dict[str, float | str]:
         """ε after `rounds` rounds, with what it means."""
-        from fedtrust.privacy.accounting import compute_epsilon
-
         history = [(self.noise_multiplier, self.sample_rate, rounds)]
         return {
             "epsilon": compute_epsilon(history, self.delta, self.accountant),

@@ -18,15 +18,17 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedtrust.clients.settings import ClientSettings
 from fedtrust.clients.train import LocalDP, sample_rate, train_local
-from fedtrust.privacy.accounting import default_delta
+from fedtrust.privacy.accounting import resolve_delta
 from fedtrust.privacy.attacks.one_run import GradientCanaries
 from fedtrust.server.evaluation import CentralEvaluator
 from fedtrust.tasks import build_task
 
+from .canaries import audit_canaries
 from .config import Config
 from .report import plot_curves, write_summary
-from .runner import CONFIG_FILE, to_toml
+from .run_folder import METRICS_FILE, MODEL_FOLDER, write_config
 
 
 def train_centralized(
@@ -36,13 +38,11 @@ def train_centralized(
     torch.set_num_threads(max(1, cfg.client.num_cpus))
     task = build_task(cfg.task, seed=cfg.run.seed)
     if cfg.audit.plant_canaries:  # the privacy audit's secrets, in the training set
-        from fedtrust.privacy.audit import audit_canaries
-
         task.train.extend(audit_canaries(cfg, task)[1])
     name = cfg.run.name or datetime.now().strftime("train-%Y%m%d-%H%M%S")
     run_dir = Path(cfg.run.output_dir) / name
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / CONFIG_FILE).write_text(to_toml(cfg))
+    write_config(run_dir, cfg)
     evaluator = CentralEvaluator(
         task, cfg.run.seed, cfg.server.eval_examples, cfg.server.eval_batch_size
     )
@@ -81,9 +81,9 @@ def train_centralized(
         rows.append(row)
         if on_epoch:
             on_epoch(row)
-    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (run_dir / METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in rows))
     final = task.evaluate(model, task.test, cfg.server.eval_batch_size)
-    task.save(model, run_dir / "model")
+    task.save(model, run_dir / MODEL_FOLDER)
     summary = {
         "task": cfg.task.kind,
         "dataset": cfg.task.dataset,
@@ -117,7 +117,7 @@ def _dp(cfg: Config, num_examples: int) -> LocalDP | None:
         return None
     return LocalDP(
         max_grad_norm=p.max_grad_norm,
-        delta=p.target_delta or default_delta(num_examples),
+        delta=resolve_delta(p.target_delta, num_examples),
         target_epsilon=p.target_epsilon,
         noise_multiplier=p.noise_multiplier,
         clipping=p.clipping,
@@ -127,5 +127,5 @@ def _dp(cfg: Config, num_examples: int) -> LocalDP | None:
     )
 
 
-def _one_epoch(client_cfg):
-    return dataclasses.replace(client_cfg, epochs=1, steps=0)
+def _one_epoch(client: ClientSettings) -> ClientSettings:
+    return dataclasses.replace(client, epochs=1, steps=0)

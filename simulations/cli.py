@@ -1,33 +1,31 @@
-"""The `fedtrust` command line."""
+"""The `fedtrust` command line: one Typer app for every experiment."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
-from .config import ConfigError, load_config
+from .audit import attack_run, run_audit
+from .centralized import train_centralized
+from .cli_common import ConfigOpt, SetOpt, console, fail, one_line_errors
+from .compare import run_compare
+from .config import load_config
+from .fairness_cli import app as fairness_app
+from .progress import RoundPrinter
+from .run_folder import load_run_config
+from .runner import simulate as run_simulation
 
 app = typer.Typer(add_completion=False, no_args_is_help=False, help=__doc__)
-console = Console()
-
-ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML config file")]
-SetOpt = Annotated[
-    list[str] | None, typer.Option("--set", "-s", help="override: section.key=value")
-]
+app.add_typer(fairness_app, name="fairness")
 
 
 @app.callback()
 def root() -> None:
     """fedtrust: federated NLU training with differential privacy, privacy and fairness audits."""
-
-
-def _fail(message: str) -> None:
-    console.print(f"[bold red]error:[/] {message}")
-    raise typer.Exit(2)
 
 
 @app.command()
@@ -37,23 +35,12 @@ def simulate(
     resume: Annotated[Path | None, typer.Option(help="continue a stopped run folder")] = None,
 ) -> None:
     """Run a federated simulation (default: CLINC150 + MiniLM, 100 devices, 10 per round)."""
-    from .progress import RoundPrinter
-    from .runner import load_run_config
-    from .runner import simulate as run
-
-    try:
-        if resume is not None:
-            if config is not None or set_:
-                _fail("--resume takes the run folder's own config; drop --config/--set")
-            cfg = load_run_config(resume)
-        else:
-            cfg = load_config(config, set_ or [])
-        printer = RoundPrinter(console, cfg)
-        with printer:
-            run_dir, summary = run(cfg, resume=resume, on_round=printer)
-    except (ConfigError, ValueError, FileNotFoundError, RuntimeError) as err:
-        _fail(str(err))
-        return
+    if resume is not None and (config is not None or set_):
+        fail("--resume takes the run folder's own config; drop --config/--set")
+    with one_line_errors():
+        cfg = load_run_config(resume) if resume is not None else load_config(config, set_ or [])
+        with RoundPrinter(console, cfg) as printer:
+            run_dir, summary = run_simulation(cfg, resume=resume, on_round=printer)
     metric = summary["primary_metric"]
     console.print(
         f"[bold green]done[/]: {metric} = {summary['final'][metric]:.4f} on the full test split; "
@@ -68,18 +55,11 @@ def train(
     epochs: Annotated[int, typer.Option(help="passes over the whole training set")] = 2,
 ) -> None:
     """Centralized training of the same task (no federation): the baseline for every comparison."""
-    from .centralized import train_centralized
-    from .progress import RoundPrinter
-
-    try:
+    with one_line_errors():
         cfg = load_config(config, set_ or [])
         cfg.server.rounds = epochs
-        printer = RoundPrinter(console, cfg, unit="epoch")
-        with printer:
+        with RoundPrinter(console, cfg, unit="epoch") as printer:
             run_dir, summary = train_centralized(cfg, epochs, on_epoch=printer)
-    except (ConfigError, ValueError, FileNotFoundError, RuntimeError) as err:
-        _fail(str(err))
-        return
     metric = summary["primary_metric"]
     console.print(
         f"[bold green]done[/]: {metric} = {summary['final'][metric]:.4f}; "
@@ -90,17 +70,10 @@ def train(
 @app.command()
 def compare(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """Uniform vs activity-based selection, on static and continual data (4 runs, one report)."""
-    from .compare import run_compare
-    from .progress import RoundPrinter
-
-    try:
+    with one_line_errors():
         cfg = load_config(config, set_ or [])
-        printer = RoundPrinter(console, cfg)
-        with printer:
-            out_dir, rows = run_compare(cfg, on_round=printer)
-    except (ConfigError, ValueError, FileNotFoundError, RuntimeError) as err:
-        _fail(str(err))
-        return
+        with RoundPrinter(console, cfg) as printer:
+            out_dir, _ = run_compare(cfg, on_round=printer)
     console.print((out_dir / "comparison.md").read_text())
     console.print(f"report in [bold]{out_dir}[/] (comparison.md, comparison.json, comparison.png)")
 
@@ -108,17 +81,12 @@ def compare(config: ConfigOpt = None, set_: SetOpt = None) -> None:
 @app.command()
 def audit(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """Train models at several privacy levels, attack them (MIA, canaries), write one report."""
-    from fedtrust.privacy.audit import run_audit
-
-    try:
+    with one_line_errors():
         cfg = load_config(config or "audit", set_ or [])
         with console.status("auditing") as status:
-            out_dir, report = run_audit(
+            out_dir, _ = run_audit(
                 cfg, progress=lambda m: (console.print(m), status.update(m.strip()))
             )
-    except (ConfigError, ValueError, FileNotFoundError, RuntimeError) as err:
-        _fail(str(err))
-        return
     console.print((out_dir / "audit.md").read_text().split("## Canaries")[0])
     console.print(f"report in [bold]{out_dir}[/] (audit.html, audit.md, audit.json, *.png)")
 
@@ -130,31 +98,13 @@ def attack(
     examples: Annotated[int, typer.Option(help="mia: members + non-members scored")] = 2000,
 ) -> None:
     """Run one attack on an existing run: membership inference or canary extraction."""
-    import json
-
-    from fedtrust.privacy.audit import attack_run
-
     if not model.is_dir():
-        _fail(f"{model}: no such run folder")
-    try:
+        fail(f"{model}: no such run folder")
+    with one_line_errors():
         out, report = attack_run(model, kind, examples)
-    except (ConfigError, ValueError, FileNotFoundError, RuntimeError) as err:
-        _fail(str(err))
-        return
     shown = report["summary"] if kind == "canary" else report
     console.print(json.dumps(shown, indent=1))
     console.print(f"written to [bold]{out}[/]")
-
-
-def _mount_fairness() -> None:
-    try:
-        from fedtrust.fairness.cli import app as fairness_app
-    except ImportError:  # pragma: no cover - fairness CLI not installed
-        return
-    app.add_typer(fairness_app, name="fairness")
-
-
-_mount_fairness()
 
 
 def main() -> None:

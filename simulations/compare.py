@@ -6,18 +6,17 @@ a panel per data setting.
 
 from __future__ import annotations
 
-import copy
-import json
+import dataclasses
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from .config import Config  # noqa: E402
+from .config import Config
+from .report import write_report_files
+from .run_folder import read_metrics
+from .runner import simulate
 
 SELECTIONS = ("uniform", "activity")
 MODES = ("static", "continual")
@@ -27,17 +26,16 @@ def variants(cfg: Config) -> dict[tuple[str, str], Config]:
     out = {}
     for mode in MODES:
         for strategy in SELECTIONS:
-            c = copy.deepcopy(cfg)
-            c.devices.mode, c.selection.strategy = mode, strategy
-            out[(mode, strategy)] = c
+            out[(mode, strategy)] = dataclasses.replace(
+                cfg,
+                devices=dataclasses.replace(cfg.devices, mode=mode),
+                selection=dataclasses.replace(cfg.selection, strategy=strategy),
+                run=dataclasses.replace(cfg.run),
+            )
     return out
 
 
 def run_compare(cfg: Config, on_round=None) -> tuple[Path, list[dict[str, Any]]]:
-    from fedtrust.server.federation import read_metrics
-
-    from .runner import simulate
-
     name = cfg.run.name or datetime.now().strftime("compare-%Y%m%d-%H%M%S")
     out_dir = Path(cfg.run.output_dir) / name
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -63,9 +61,8 @@ def run_compare(cfg: Config, on_round=None) -> tuple[Path, list[dict[str, Any]]]
                 "run_dir": str(run_dir),
             }
         )
-    (out_dir / "comparison.json").write_text(json.dumps(rows, indent=2) + "\n")
-    (out_dir / "comparison.md").write_text(markdown_table(rows))
-    plot_comparison(curves, rows[0]["metric"], out_dir / "comparison.png")
+    figure = comparison_figure(curves, rows[0]["metric"])
+    write_report_files(out_dir, "comparison", rows, markdown_table(rows), figure)
     return out_dir, rows
 
 
@@ -103,8 +100,10 @@ def _fmt(value: float | None, spec: str = ".4f") -> str:
     return "n/a" if value is None else format(value, spec)
 
 
-def plot_comparison(curves: dict, metric: str, path: Path) -> Path:
-    fig, axes = plt.subplots(1, len(MODES), figsize=(11, 4), sharey=True)
+def comparison_figure(curves: dict, metric: str) -> Figure:
+    """One panel per data setting, one line per selection."""
+    fig = Figure(figsize=(11, 4))
+    axes = fig.subplots(1, len(MODES), sharey=True)
     for ax, mode in zip(axes, MODES):
         for strategy in SELECTIONS:
             rows = curves.get((mode, strategy), [])
@@ -121,6 +120,4 @@ def plot_comparison(curves: dict, metric: str, path: Path) -> Path:
         ax.legend()
     axes[0].set_ylabel(metric.replace("_", " ") + " (central test subset)")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return fig

@@ -1,5 +1,7 @@
 """The run configuration: typed sections, TOML loading, `--set key=value` overrides, validation.
 
+Only `fedtrust.simulations` reads it: lower layers get the typed section or values they need.
+
 Every error names the file (or `--set`), the key and the value, in one line.
 """
 
@@ -13,29 +15,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
+from fedtrust.clients.device_data import StorageSettings
+from fedtrust.clients.settings import ClientSettings
+from fedtrust.errors import ConfigError
+from fedtrust.tasks import TaskSpec
+
 BUNDLED = Path(__file__).parent / "configs"
 
-
-class ConfigError(ValueError):
-    """A configuration value is unknown, ill-typed or out of range."""
-
-
-@dataclass
-class TaskConfig:
-    kind: Literal["intent", "lm"] = "intent"
-    dataset: str = "clinc150"  # bundled name, a .jsonl/.json/.csv file, or a Hugging Face hub id
-    model: str = "minilm"  # "minilm" (bundled), "gpt2-tiny", a local path or a hub id
-    text_column: str = "text"
-    label_column: str = "label"
-    device_column: str = "device"
-    cohort_column: str = ""  # a per-device attribute (e.g. region) reported as cohorts
-    test_fraction: float = 0.1  # held out for the server when the data has no test split
-    max_length: int = 32  # tokens per example (intent) or characters per example (lm)
-    freeze_embeddings: bool = True
-    freeze_layers: int = 2  # lowest encoder layers kept frozen
-    lm_layers: int = 2
-    lm_width: int = 128
-    lm_heads: int = 4
+# The sections a library owns are its own typed settings (TaskSpec, StorageSettings,
+# ClientSettings); the others only make sense for an experiment and live here.
 
 
 @dataclass
@@ -48,35 +36,11 @@ class PartitionConfig:
 
 
 @dataclass
-class DevicesConfig:
-    mode: Literal["static", "continual"] = "static"
-    initial_fraction: float = 0.2  # continual: share of a device's stream present at round 1
-    arrival_rate: float = (
-        0.1  # continual: expected new examples per round, as a share of the stream
-    )
-    capacity: int = 0  # continual: storage cap in examples (0 = unlimited)
-    eviction: Literal["fifo", "random"] = "fifo"
-
-
-@dataclass
 class SelectionConfig:
     strategy: Literal["uniform", "activity"] = "uniform"
     beta: float = 1.0  # activity: P(select) grows like (available examples) ** beta
     devices_per_round: int = 10
     weighting: Literal["examples", "equal", "inverse-probability", "unbiased"] = "examples"
-
-
-@dataclass
-class ClientConfig:
-    epochs: int = 2
-    steps: int = 0  # > 0: a fixed number of local steps instead of epochs
-    batch_size: int = 32
-    optimizer: Literal["adamw", "sgd"] = "adamw"
-    lr: float = 5e-4
-    head_lr_scale: float = 20.0  # the new classifier head learns this many times faster
-    weight_decay: float = 0.0
-    num_cpus: int = 2
-    num_gpus: float = 0.0
 
 
 @dataclass
@@ -139,23 +103,26 @@ class RunConfig:
     seed: int = 0
     output_dir: str = "runs"
     name: str = ""  # run folder name (default: derived from the time)
-    backend: Literal["ray"] = "ray"
+
+
+class Sections:
+    """A config: a dataclass of section dataclasses (this module's Config, the distill run's)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
 
 
 @dataclass
-class Config:
-    task: TaskConfig = field(default_factory=TaskConfig)
+class Config(Sections):
+    task: TaskSpec = field(default_factory=TaskSpec)
     partition: PartitionConfig = field(default_factory=PartitionConfig)
-    devices: DevicesConfig = field(default_factory=DevicesConfig)
+    devices: StorageSettings = field(default_factory=StorageSettings)
     selection: SelectionConfig = field(default_factory=SelectionConfig)
-    client: ClientConfig = field(default_factory=ClientConfig)
+    client: ClientSettings = field(default_factory=ClientSettings)
     server: ServerConfig = field(default_factory=ServerConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
     run: RunConfig = field(default_factory=RunConfig)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 # --------------------------------------------------------------------------- loading

@@ -9,8 +9,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from fedtrust.errors import ConfigError
 
-class PartitionError(ValueError):
+
+class PartitionError(ConfigError):
     """The data cannot be split as asked."""
 
 

@@ -12,11 +12,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from flwr.app import Context
 
 from fedtrust.clients.device_data import DeviceStore
 from fedtrust.tasks import Task, build_task
 
-from .config import Config, ConfigError
+from .canaries import audit_canaries
+from .config import Config, ConfigError, config_from_dict
 from .partition import partition
 
 log = logging.getLogger(__name__)
@@ -58,6 +60,16 @@ class Population:
         indices = self.store(device, server_round).available(server_round)
         return [self.task.train[i] for i in indices]
 
+    # what a simulated device reads (fedtrust.clients.app.DeviceData)
+    def name(self, device: int) -> str:
+        return self.names[device]
+
+    def count(self, device: int, server_round: int) -> int:
+        return int(self.store(device, server_round).count(server_round))
+
+    def stream_length(self, device: int) -> int:
+        return len(self.parts[device])
+
 
 def build_population(cfg: Config) -> Population:
     task = build_task(cfg.task, seed=cfg.run.seed)
@@ -71,8 +83,6 @@ def build_population(cfg: Config) -> Population:
 
 
 def _plant_canaries(cfg: Config, task: Task, parts: list[np.ndarray]) -> list[np.ndarray]:
-    from fedtrust.privacy.audit import audit_canaries
-
     device = cfg.audit.canary_device
     if not 0 <= device < len(parts):
         raise ConfigError(
@@ -112,3 +122,14 @@ def cached_population(cfg: Config) -> Population:
         _CACHE.clear()
         _CACHE[key] = build_population(cfg)
     return _CACHE[key]
+
+
+@dataclass(frozen=True)
+class PopulationSource:
+    """The device data source handed to the ClientApp: small to pickle (Ray ships it with every
+    message), it builds the population once per process from the config."""
+
+    config: dict[str, Any]
+
+    def __call__(self, context: Context | None = None) -> Population:
+        return cached_population(config_from_dict(self.config))

@@ -7,18 +7,27 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from .config import Config
+
+
+def progress_bar(console: Console, label: str) -> Progress:
+    """fedtrust's progress bar: label, bar, done/total, elapsed; gone when finished."""
+    return Progress(
+        TextColumn(f"[bold]{label}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    )
+
 
 class RoundPrinter:
-    def __init__(self, console: Console, cfg, unit: str = "round") -> None:
+    """A progress bar with one printed line per finished round (or epoch)."""
+
+    def __init__(self, console: Console, cfg: Config, unit: str = "round") -> None:
         self.console, self.cfg, self.unit = console, cfg, unit
-        self.progress = Progress(
-            TextColumn(f"[bold]{unit}s"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            console=console,
-            transient=True,
-        )
+        self.progress = progress_bar(console, f"{unit}s")
         self.bar = self.progress.add_task("rounds", total=cfg.server.rounds)
 
     def __enter__(self) -> RoundPrinter:

@@ -1,7 +1,7 @@
 """Run a federated simulation: Flower's simulation engine (Ray backend) + fedtrust's apps.
 
 Output folder: config.toml (resolved), metrics.jsonl, checkpoint/, summary.json, model/
-(safetensors, loadable with transformers), learning_curve.png.
+(safetensors, loadable with transformers), learning_curve.png, cohorts.*.
 """
 
 from __future__ import annotations
@@ -15,22 +15,29 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from flwr.app import Context
+from flwr.simulation import run_simulation
+from torch import nn
+
+from fedtrust.clients.app import make_client_app
+from fedtrust.errors import FederationError
+from fedtrust.privacy.noise import REPRODUCIBLE_NOISE_WARNING
+from fedtrust.server.app import Federation, make_server_app
+from fedtrust.server.evaluation import CentralEvaluator
+from fedtrust.server.federation import FederationResult
+from fedtrust.server.registry import DeviceRegistry
 from fedtrust.tasks.models import quiet_transformers
 
-from .config import Config, ConfigError, load_config
-from .population import Population, cached_population
+from .cohort_summary import cohort_summary
+from .config import Config, ConfigError
+from .federation import device_instructions, make_strategy
+from .population import Population, PopulationSource, cached_population
 from .report import plot_curves, write_summary
+from .run_folder import METRICS_FILE, MODEL_FOLDER, read_metrics, write_config
 
-CONFIG_FILE = "config.toml"
-
-
-def to_toml(cfg: Config) -> str:
-    lines = []
-    for section, values in cfg.to_dict().items():
-        lines.append(f"[{section}]")
-        lines += [f"{key} = {json.dumps(value)}" for key, value in values.items()]
-        lines.append("")
-    return "\n".join(lines)
+AUDIT_FILE = "privacy_audit.json"
+DEVICE_PRIVACY_FILE = "device_privacy.json"
+RoundHook = Callable[[dict[str, Any]], None]
 
 
 def start_run(cfg: Config, resume: Path | None = None) -> tuple[Path, Population]:
@@ -40,9 +47,9 @@ def start_run(cfg: Config, resume: Path | None = None) -> tuple[Path, Population
         run_dir = Path(cfg.run.output_dir) / name
         if (run_dir / "checkpoint").exists():
             raise ConfigError(f"{run_dir}: already holds a run; use --resume {run_dir} to go on")
-        cfg.run.name = name  # simulated devices keep their own state under the run folder
+        cfg.run.name = name
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / CONFIG_FILE).write_text(to_toml(cfg))
+        write_config(run_dir, cfg)
     else:
         run_dir = resume
         cfg.run.output_dir, cfg.run.name = str(resume.parent), resume.name
@@ -56,11 +63,69 @@ def start_run(cfg: Config, resume: Path | None = None) -> tuple[Path, Population
     return run_dir, population
 
 
-def load_run_config(run_dir: Path) -> Config:
-    path = run_dir / CONFIG_FILE
-    if not path.is_file():
-        raise ConfigError(f"{run_dir}: not a fedtrust run folder (no {CONFIG_FILE})")
-    return load_config(path)
+class MetricsLog:
+    """Round callback: one JSON line per round in metrics.jsonl (round 0 = initial model)."""
+
+    def __init__(self, run_dir: Path, extra: dict[str, Any] | None = None) -> None:
+        self.path, self.extra = run_dir / METRICS_FILE, extra or {}
+
+    def on_start(self, first_round: int, initial: dict[str, Any] | None) -> None:
+        # a resumed run drops lines of rounds after its checkpoint (a crash may have left one)
+        kept = [r for r in read_metrics(self.path.parent) if r["round"] < first_round]
+        rows = kept if initial is None else [initial]
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def on_round(self, row: dict[str, Any]) -> None:
+        row.update(self.extra)
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+class RoundHookCallback:
+    """Round callback around a plain function of the round's metrics (a progress printer)."""
+
+    def __init__(self, hook: RoundHook) -> None:
+        self.hook = hook
+
+    def on_start(self, first_round: int, initial: dict[str, Any] | None) -> None:
+        pass
+
+    def on_round(self, row: dict[str, Any]) -> None:
+        self.hook(row)
+
+
+def build_federation(
+    cfg: Config, run_dir: Path, population: Population, on_round: RoundHook | None = None
+) -> Federation:
+    """The server's side of a run: strategy, evaluator, device instructions, round callbacks."""
+    registry = DeviceRegistry(metadata=population.counts)
+    warning = {"noise": REPRODUCIBLE_NOISE_WARNING}
+    extra = warning if cfg.privacy.enabled and cfg.privacy.reproducible_noise else {}
+    callbacks: list = [MetricsLog(run_dir, extra)]
+    if on_round is not None:
+        callbacks.append(RoundHookCallback(on_round))
+    s = cfg.server
+    return Federation(
+        strategy=make_strategy(cfg, registry, population.size),
+        evaluator=CentralEvaluator(
+            population.task, cfg.run.seed, s.eval_examples, s.eval_batch_size
+        ),
+        run_dir=run_dir,
+        rounds=s.rounds,
+        num_devices=population.size,
+        device_config=device_instructions(cfg, run_dir, population.size),
+        callbacks=callbacks,
+    )
+
+
+def save_results(federation: Federation, result: FederationResult, population: Population) -> None:
+    """The final model (transformers format) and the privacy files of a finished run."""
+    run_dir = federation.run_dir
+    population.task.save(federation.evaluator.model, run_dir / MODEL_FOLDER)
+    if result.audit is not None:  # user-level DP with canary devices: claimed vs audited ε
+        (run_dir / AUDIT_FILE).write_text(json.dumps(result.audit, indent=1))
+    if result.device_privacy:  # per-device sample-level DP: each device's own ε
+        (run_dir / DEVICE_PRIVACY_FILE).write_text(json.dumps(result.device_privacy, indent=1))
 
 
 def finish_run(
@@ -68,10 +133,11 @@ def finish_run(
     run_dir: Path,
     population: Population,
     final: dict[str, Any],
+    model: nn.Module,
     seconds: float | None = None,
 ) -> dict[str, Any]:
-    from fedtrust.server.federation import read_metrics
-
+    """summary.json, the learning curve and the cohort report of a finished run (`model`: the
+    final model, `final`: its metrics on the whole test split)."""
     rows = read_metrics(run_dir)
     metric = population.task.primary_metric
     summary = {
@@ -87,7 +153,7 @@ def finish_run(
         "final_subset": {k: v for k, v in rows[-1].items() if isinstance(v, float)},
         "best_round": max(rows, key=lambda r: r.get(metric, 0.0))["round"] if rows else None,
         "privacy": _privacy_summary(cfg, run_dir, rows),
-        "cohorts": _cohorts(cfg, run_dir, population, rows),
+        "cohorts": cohort_summary(run_dir, population, model, rows),
         "seconds": seconds,
     }
     write_summary(run_dir, summary)
@@ -100,86 +166,49 @@ def finish_run(
     return summary
 
 
-def _cohorts(
-    cfg: Config, run_dir: Path, population: Population, rows: list[dict[str, Any]]
-) -> dict[str, Any] | None:
-    """Per-cohort accuracy of the final model (cohorts.json/.md/.png); the summary's excerpt."""
-    import torch
-
-    from fedtrust.fairness.cohorts import cohort_report, write_cohort_report
-    from fedtrust.server.checkpoint import load_checkpoint
-    from fedtrust.tasks import load_trainable_state
-
-    checkpoint = load_checkpoint(run_dir)
-    if checkpoint is None:
-        return None
-    task = population.task
-    model = task.build_model(cfg.run.seed)
-    load_trainable_state(model, {k: torch.from_numpy(v) for k, v in checkpoint[1].items()})
-    try:
-        report = cohort_report(task, model, population, rows)
-    except ValueError as err:
-        logging.getLogger(__name__).warning("no cohort report: %s", err)
-        return {"error": str(err)}
-    write_cohort_report(report, run_dir)
-    activity = report["by"]["activity"]
-    return {
-        "source": report["source"],
-        "worst_gap": report["worst_gap"],
-        "activity": {
-            "gap": activity["gap"],
-            "worst": activity["worst"],
-            **{r["cohort"]: r["accuracy"] for r in activity["cohorts"]},
-        },
-        "lightest_cohort_never_selected": activity["cohorts"][0]["never_selected"],
-    }
+PRIVACY_KEYS = (
+    "epsilon",
+    "delta",
+    "relation",
+    "accountant",
+    "sample_rate",
+    "epsilon_mean",
+    "noise_multiplier",
+    "devices_out_of_budget",
+    "noise",
+)
 
 
 def _privacy_summary(
     cfg: Config, run_dir: Path, rows: list[dict[str, Any]]
 ) -> dict[str, Any] | None:
-    from fedtrust.server.federation import AUDIT_FILE
-
     if not cfg.privacy.enabled or not rows:
         return None
-    summary = {"level": cfg.privacy.level, **_privacy_keys(rows[-1])}
+    summary = {
+        "level": cfg.privacy.level,
+        **{k: rows[-1][k] for k in PRIVACY_KEYS if k in rows[-1]},
+    }
     audit = run_dir / AUDIT_FILE
     if audit.is_file():
         summary["audit"] = json.loads(audit.read_text())
     return summary
 
 
-def _privacy_keys(row: dict[str, Any]) -> dict[str, Any]:
-    keys = (
-        "epsilon",
-        "delta",
-        "relation",
-        "accountant",
-        "sample_rate",
-        "epsilon_mean",
-        "noise_multiplier",
-        "devices_out_of_budget",
-        "noise",
-    )
-    return {k: row[k] for k in keys if k in row}
-
-
 def simulate(
-    cfg: Config,
-    resume: Path | None = None,
-    on_round: Callable[[dict[str, Any]], None] | None = None,
+    cfg: Config, resume: Path | None = None, on_round: RoundHook | None = None
 ) -> tuple[Path, dict[str, Any]]:
     """Run the whole simulation in this process (Ray actors for the devices)."""
-    from flwr.clientapp import ClientApp  # noqa: F401 - imported for its side effects on logging
-    from flwr.simulation import run_simulation
-
-    from fedtrust.clients.app import app as client_app
-    from fedtrust.server.app import make_server_app
-
     began = time.perf_counter()
     run_dir, population = start_run(cfg, resume)
-    result: dict[str, Any] = {}
-    server_app = make_server_app(cfg, run_dir, on_round, result)
+    finished: list[tuple[Federation, FederationResult]] = []
+
+    def build(context: Context) -> Federation:
+        return build_federation(cfg, run_dir, population, on_round)
+
+    def on_result(federation: Federation, result: FederationResult) -> None:
+        save_results(federation, result, population)
+        finished.append((federation, result))
+
     backend_config = {
         "client_resources": {"num_cpus": cfg.client.num_cpus, "num_gpus": cfg.client.num_gpus},
         "init_args": {
@@ -191,14 +220,16 @@ def simulate(
     }
     _quiet_flower()
     run_simulation(
-        server_app=server_app,
-        client_app=client_app,
+        server_app=make_server_app(build, on_result),
+        client_app=make_client_app(PopulationSource(cfg.to_dict())),
         num_supernodes=population.size,
         backend_config=backend_config,
     )
-    if "final" not in result:
-        raise RuntimeError(f"the simulation stopped before its last round; see {run_dir}")
-    summary = finish_run(cfg, run_dir, population, result["final"], time.perf_counter() - began)
+    if not finished:
+        raise FederationError(f"the simulation stopped before its last round; see {run_dir}")
+    federation, result = finished[0]
+    model, seconds = federation.evaluator.model, time.perf_counter() - began
+    summary = finish_run(cfg, run_dir, population, result.final, model, seconds)
     return run_dir, summary
 
 

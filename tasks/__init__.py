@@ -1,27 +1,34 @@
-"""Tasks: dataset + tokenizer + model + loss + metrics, built from the [task] config section."""
+"""Tasks: dataset + tokenizer + model + loss + metrics, built from a `TaskSpec`."""
 
 from __future__ import annotations
 
 from .base import Task, load_trainable_state, trainable_state
-from .data import DataError, load_raw
+from .data import load_raw
+from .intent import build_intent_task
+from .lm import build_lm_task
+from .spec import TaskSpec
 
 
-def build_task(cfg, seed: int = 0) -> Task:
-    """Load the data named by `cfg` (a TaskConfig) and encode it once."""
-    from .intent import build_intent_task
-    from .lm import build_lm_task
-
+def build_task(spec: TaskSpec, seed: int = 0) -> Task:
+    """Load the data named by `spec` and encode it once."""
     raw = load_raw(
-        cfg.dataset,
-        text_column=cfg.text_column,
-        label_column=cfg.label_column,
-        device_column=cfg.device_column,
-        cohort_column=cfg.cohort_column,
-        need_label=cfg.kind == "intent",
-        test_fraction=cfg.test_fraction,
+        spec.dataset,
+        text_column=spec.text_column,
+        label_column=spec.label_column,
+        device_column=spec.device_column,
+        cohort_column=spec.cohort_column,
+        need_label=spec.kind == "intent",
+        test_fraction=spec.test_fraction,
         seed=seed,
     )
-    return build_intent_task(raw, cfg) if cfg.kind == "intent" else build_lm_task(raw, cfg)
+    return build_intent_task(raw, spec) if spec.kind == "intent" else build_lm_task(raw, spec)
 
 
-__all__ = ["DataError", "Task", "build_task", "load_raw", "load_trainable_state", "trainable_state"]
+__all__ = [
+    "Task",
+    "TaskSpec",
+    "build_task",
+    "load_raw",
+    "load_trainable_state",
+    "trainable_state",
+]

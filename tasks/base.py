@@ -84,10 +84,14 @@ class Task:
         raise NotImplementedError
 
 
-def freeze(model: nn.Module, prefixes: list[str]) -> None:
-    """Stop gradients for every parameter whose name starts with one of `prefixes`."""
+def freeze_lower(model: nn.Module, embeddings: bool, layers: int) -> None:
+    """Stop gradients of a pretrained encoder's embeddings (if `embeddings`) and of its lowest
+    `layers` layers (BERT-family naming: `<base>.embeddings.`, `<base>.encoder.layer.<i>.`)."""
+    base = model.base_model_prefix
+    prefixes = [f"{base}.embeddings."] if embeddings else []
+    prefixes += [f"{base}.encoder.layer.{i}." for i in range(layers)]
     for name, param in model.named_parameters():
-        if any(name.startswith(p) for p in prefixes):
+        if name.startswith(tuple(prefixes)):
             param.requires_grad_(False)
 
 

@@ -14,12 +14,12 @@ from pathlib import Path
 import datasets
 from datasets import Dataset, DatasetDict
 
+from fedtrust.errors import DataError
+
 DATA_DIR = Path(__file__).parent / "data"
 BUNDLED = ("clinc150", "shakespeare")
 
 
-class DataError(ValueError):
-    """A dataset is missing, malformed or lacks a required column."""
 
 
 def load_raw(

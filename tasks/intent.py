@@ -11,8 +11,11 @@ import torch
 from torch import nn
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from .base import Task, freeze
-from .models import quiet_transformers, resolve_model
+from fedtrust.errors import DataError, ModelError
+
+from .base import Task, freeze_lower
+from .models import HEAD_PREFIXES, quiet_transformers, resolve_model
+from .spec import TaskSpec
 
 OUT_OF_SCOPE = "oos"
 
@@ -35,14 +38,11 @@ class IntentTask(Task):
         )
         layers = getattr(model.config, "num_hidden_layers", None)
         if layers is not None and self.freeze_layers > layers:
-            raise ValueError(
+            raise ModelError(
                 f"task.freeze_layers = {self.freeze_layers}, but the model has only {layers} "
                 f"encoder layers (freezing all {layers} trains the pooler and classifier only)"
             )
-        base = model.base_model_prefix
-        prefixes = [f"{base}.embeddings."] if self.freeze_embeddings else []
-        prefixes += [f"{base}.encoder.layer.{i}." for i in range(self.freeze_layers)]
-        freeze(model, prefixes)
+        freeze_lower(model, self.freeze_embeddings, self.freeze_layers)
         return model
 
     def save(self, model: nn.Module, folder: Path) -> None:
@@ -94,19 +94,19 @@ class IntentTask(Task):
         return correct, np.ones_like(correct)
 
 
-def build_intent_task(raw, cfg) -> IntentTask:
+def build_intent_task(raw, spec: TaskSpec) -> IntentTask:
     """Tokenise once; labels become ids in sorted order of their names."""
-    model_name = resolve_model(cfg.model)
+    model_name = resolve_model(spec.model)
     tokenizer = AutoTokenizer.from_pretrained(model_name)
     splits = {name: split.to_dict() for name, split in raw.items()}  # columns as plain lists
     labels = tuple(sorted({str(x) for x in splits["train"]["label"]}))
     index = {name: i for i, name in enumerate(labels)}
     unknown = sorted({str(x) for x in splits["test"]["label"]} - set(labels))
     if unknown:
-        raise ValueError(f"{cfg.dataset}: test labels never seen in training: {unknown[:5]}")
+        raise DataError(f"{spec.dataset}: test labels never seen in training: {unknown[:5]}")
 
     def encode(split: dict[str, list]) -> list[dict[str, Any]]:
-        ids = tokenizer(split["text"], truncation=True, max_length=cfg.max_length)["input_ids"]
+        ids = tokenizer(split["text"], truncation=True, max_length=spec.max_length)["input_ids"]
         rows = [{"input_ids": x, "labels": index[str(y)]} for x, y in zip(ids, split["label"])]
         for column in ("device", "cohort"):
             for row, value in zip(rows, split.get(column) or []):
@@ -121,9 +121,9 @@ def build_intent_task(raw, cfg) -> IntentTask:
         pad_id=tokenizer.pad_token_id or 0,
         primary_metric=primary,
         info={"num_labels": len(labels), "model": model_name},
-        head_prefixes=("classifier.", "bert.pooler.", "pooler."),
+        head_prefixes=HEAD_PREFIXES,
         model_name=model_name,
         labels=labels,
-        freeze_embeddings=cfg.freeze_embeddings,
-        freeze_layers=cfg.freeze_layers,
+        freeze_embeddings=spec.freeze_embeddings,
+        freeze_layers=spec.freeze_layers,
     )

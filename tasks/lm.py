@@ -18,6 +18,7 @@ from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from .base import Task
+from .spec import TaskSpec
 
 IGNORE = -100
 
@@ -31,18 +32,10 @@ class CharLMTask(Task):
     heads: int = 4
 
     def build_model(self, seed: int = 0) -> nn.Module:
-        torch.manual_seed(seed)
-        config = GPT2Config(
-            vocab_size=len(self.vocab) + 1,  # + padding
-            n_positions=self.context,
-            n_embd=self.width,
-            n_layer=self.layers,
-            n_head=self.heads,
-            pad_token_id=self.pad_id,
-            bos_token_id=None,
-            eos_token_id=None,
+        vocab_size = len(self.vocab) + 1  # + padding
+        return gpt2_model(
+            vocab_size, self.context, self.layers, self.width, self.heads, self.pad_id, seed
         )
-        return GPT2LMHeadModel(config)
 
     def save(self, model: nn.Module, folder: Path) -> None:
         super().save(model, folder)
@@ -111,7 +104,25 @@ class CharLMTask(Task):
         return np.concatenate(hits).astype(float), np.concatenate(totals).astype(float)
 
 
-def build_lm_task(raw, cfg) -> CharLMTask:
+def gpt2_model(
+    vocab_size: int, context: int, layers: int, width: int, heads: int, pad_id: int, seed: int
+) -> GPT2LMHeadModel:
+    """A randomly initialised GPT-2 (seeded): fedtrust's one way to build a small LM."""
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        vocab_size=vocab_size,
+        n_positions=context,
+        n_embd=width,
+        n_layer=layers,
+        n_head=heads,
+        pad_token_id=pad_id,
+        bos_token_id=None,
+        eos_token_id=None,
+    )
+    return GPT2LMHeadModel(config)
+
+
+def build_lm_task(raw, spec: TaskSpec) -> CharLMTask:
     """Cut every text into `max_length`-character examples that keep their device."""
     splits = {name: split.to_dict() for name, split in raw.items()}  # columns as plain lists
     vocab = "".join(sorted(set("".join(splits["train"]["text"] + splits["test"]["text"]))))
@@ -123,8 +134,8 @@ def build_lm_task(raw, cfg) -> CharLMTask:
         rows = []
         for text, device, cohort in zip(split["text"], devices, cohorts):
             ids = [index[ch] for ch in text]
-            for start in range(0, len(ids), cfg.max_length):
-                chunk = ids[start : start + cfg.max_length]
+            for start in range(0, len(ids), spec.max_length):
+                chunk = ids[start : start + spec.max_length]
                 if len(chunk) >= 2:
                     row: dict[str, Any] = {"input_ids": chunk}
                     if device is not None:
@@ -142,8 +153,8 @@ def build_lm_task(raw, cfg) -> CharLMTask:
         primary_metric="accuracy",
         info={"vocab_size": len(vocab) + 1},
         vocab=vocab,
-        context=cfg.max_length,
-        layers=cfg.lm_layers,
-        width=cfg.lm_width,
-        heads=cfg.lm_heads,
+        context=spec.max_length,
+        layers=spec.lm_layers,
+        width=spec.lm_width,
+        heads=spec.lm_heads,
     )

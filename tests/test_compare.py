@@ -2,8 +2,13 @@
 
 import json
 
-from fedtrust.simulations.compare import run_compare
+import pytest
+
+from fedtrust.simulations.compare import MODES, SELECTIONS, comparison_figure, run_compare
 from fedtrust.simulations.config import load_config
+from fedtrust.simulations.run_folder import read_metrics
+
+pytestmark = pytest.mark.slow  # Flower simulation engine + Ray
 
 
 def test_compare_runs_all_four_settings_and_activity_picks_heavier_devices(tmp_path):
@@ -28,7 +33,15 @@ def test_compare_runs_all_four_settings_and_activity_picks_heavier_devices(tmp_p
         (d, s) for d in ("static", "continual") for s in ("uniform", "activity")
     }
     assert json.loads((out_dir / "comparison.json").read_text()) == rows
-    assert (out_dir / "comparison.png").stat().st_size > 10_000
+    assert (out_dir / "comparison.png").is_file()
+    curves = {
+        (r["data"], r["selection"]): read_metrics(out_dir / f"{r['data']}-{r['selection']}")[1:]
+        for r in rows
+    }
+    fig = comparison_figure(curves, "accuracy")
+    for ax, mode in zip(fig.axes, MODES):  # each panel plots its runs' per-round accuracy
+        for line, strategy in zip(ax.get_lines(), SELECTIONS):
+            assert list(line.get_ydata()) == [m["accuracy"] for m in curves[(mode, strategy)]]
     assert "| static | activity |" in (out_dir / "comparison.md").read_text()
     by = {(r["data"], r["selection"]): r for r in rows}
     for r in rows:  # cohorts: Shakespeare's test rows carry the speaking role

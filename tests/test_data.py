@@ -1,6 +1,7 @@
 import pytest
 
-from fedtrust.tasks import DataError, load_raw
+from fedtrust.errors import DataError
+from fedtrust.tasks import load_raw
 
 
 def test_bundled_clinc150_has_its_splits_and_151_labels():

@@ -2,38 +2,42 @@
 
 from __future__ import annotations
 
-import json
+from pathlib import Path
 
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from tiny_runs import tiny_run_config
 
-from fedtrust.clients.app import app as client_app
+from fedtrust.clients.app import make_client_app
 from fedtrust.clients.budget import BudgetStore
 from fedtrust.privacy.accounting import compute_epsilon
-from fedtrust.simulations.population import cached_population
+from fedtrust.simulations.federation import device_instructions
+from fedtrust.simulations.population import PopulationSource, cached_population
 from fedtrust.tasks import trainable_state
 
 TARGET = 4.0
+
+
+def tmp_run_dir(cfg):
+    return Path(cfg.run.output_dir) / cfg.run.name
 
 
 pytestmark = pytest.mark.usefixtures("run_identity")
 
 
 def _ask_to_train(cfg, context, server_round: int) -> dict:
-    """What a (possibly dishonest) server sends: the model and the config, nothing else."""
+    """What a (possibly dishonest) server sends: the model and the instructions, nothing else."""
     population = cached_population(cfg)
     model = population.task.build_model(cfg.run.seed)
-    config = ConfigRecord(
-        {"fedtrust-config": json.dumps(cfg.to_dict()), "server-round": server_round}
-    )
+    instructions = device_instructions(cfg, tmp_run_dir(cfg), population.size)
+    config = ConfigRecord({**instructions, "server-round": server_round})
     arrays = ArrayRecord({k: v.clone() for k, v in trainable_state(model).items()})
     msg = Message(
         RecordDict({"config": config, "arrays": arrays}),
         dst_node_id=1,
         message_type=MessageType.TRAIN,
     )
-    reply = client_app(msg, context)
+    reply = make_client_app(PopulationSource(cfg.to_dict()))(msg, context)
     assert not reply.has_error(), reply.error
     return dict(reply.content["device"]), dict(reply.content["metrics"])
 

@@ -2,20 +2,19 @@ import math
 
 import numpy as np
 
-from fedtrust.clients.device_data import DeviceStore, available_examples
-from fedtrust.simulations.config import DevicesConfig
+from fedtrust.clients.device_data import DeviceStore, StorageSettings
 
 STREAM = np.arange(1000, 1200)
 
 
 def _cfg(**kw):
-    return DevicesConfig(
+    return StorageSettings(
         **({"mode": "continual", "initial_fraction": 0.1, "arrival_rate": 0.05} | kw)
     )
 
 
 def test_static_holds_everything_every_round():
-    store = DeviceStore(STREAM, DevicesConfig(mode="static"), seed=0, device=3)
+    store = DeviceStore(STREAM, StorageSettings(mode="static"), seed=0, device=3)
     assert store.count(1) == 200 and store.count(7) == 200
     assert np.array_equal(np.sort(store.available(9)), STREAM)
 
@@ -50,6 +49,6 @@ def test_replay_equals_incremental_and_depends_on_seed_and_device():
     incremental = DeviceStore(STREAM, _cfg(capacity=25, eviction="random"), seed=4, device=2)
     for r in range(1, 12):
         inc = incremental.available(r)
-        assert np.array_equal(inc, available_examples(STREAM, incremental.cfg, 4, 2, r))
-    other = available_examples(STREAM, incremental.cfg, 4, 3, 11)
+        assert np.array_equal(inc, DeviceStore(STREAM, incremental.settings, 4, 2).available(r))
+    other = DeviceStore(STREAM, incremental.settings, 4, 3).available(11)
     assert not np.array_equal(inc, other)

@@ -14,6 +14,8 @@ from fedtrust.privacy.accounting import compute_epsilon, default_delta
 from fedtrust.simulations.centralized import train_centralized
 from fedtrust.simulations.runner import simulate
 
+pytestmark = pytest.mark.slow  # Flower simulation engine + Ray
+
 
 def _cfg(tmp_path, tiny_bert, data, name, *extra):
     return tiny_run_config(

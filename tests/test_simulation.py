@@ -11,6 +11,8 @@ from tiny_runs import tiny_run_config
 
 from fedtrust.simulations.runner import simulate
 
+pytestmark = pytest.mark.slow  # Flower simulation engine + Ray
+
 
 def _cfg(tmp_path, tiny_bert, data, name, *extra):
     return tiny_run_config(

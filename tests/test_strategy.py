@@ -8,8 +8,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedtrust.server.registry import DeviceRegistry
 from fedtrust.server.selection import UniformSelection
-from fedtrust.server.strategy import make_strategy
 from fedtrust.simulations.config import load_config
+from fedtrust.simulations.federation import make_strategy
 
 
 @dataclass
@@ -52,7 +52,7 @@ def _strategy(weighting, counts):
         ],
     )
     registry = DeviceRegistry({d: 100 + d for d in range(4)}, metadata=lambda r: counts)
-    strategy = make_strategy(cfg, registry, UniformSelection())
+    strategy = make_strategy(cfg, registry, 4)
     glob = ArrayRecord({"w": Array(np.zeros(3, dtype=np.float32))})
     messages = list(strategy.configure_train(1, glob, ConfigRecord({}), FakeGrid()))
     chosen = strategy.last_selection["devices"]
@@ -113,7 +113,7 @@ def test_devices_get_no_accountant_history_from_the_server():
     registry = DeviceRegistry(
         {d: 100 + d for d in range(4)}, metadata=lambda r: np.array([5, 5, 5, 5])
     )
-    strategy = make_strategy(cfg, registry, UniformSelection())
+    strategy = make_strategy(cfg, registry, 4)
     glob = ArrayRecord({"w": Array(np.zeros(3, dtype=np.float32))})
     messages = list(strategy.configure_train(1, glob, ConfigRecord({"x": 1}), FakeGrid()))
     assert messages

@@ -14,10 +14,10 @@ from flwr.serverapp.strategy import FedAdam
 
 from fedtrust.privacy.accounting import compute_epsilon, default_delta
 from fedtrust.server.registry import DeviceRegistry
-from fedtrust.server.selection import ActivitySelection, UniformSelection, capped_inclusion
-from fedtrust.server.strategy import make_strategy
+from fedtrust.server.selection import capped_inclusion
 from fedtrust.server.user_dp import DPFedAvg
 from fedtrust.simulations.config import load_config
+from fedtrust.simulations.federation import make_strategy
 
 DIM = 20
 
@@ -59,13 +59,10 @@ def _cfg(n, k, *extra):
     )
 
 
-def _strategy(cfg, counts, selection=None):
+def _strategy(cfg, counts):
     n = len(counts)
     registry = DeviceRegistry({d: 100 + d for d in range(n)}, metadata=lambda r: counts)
-    selection = selection or (
-        ActivitySelection(1.0) if cfg.selection.strategy == "activity" else UniformSelection()
-    )
-    return make_strategy(cfg, registry, selection)
+    return make_strategy(cfg, registry, n)
 
 
 def _mech(**settings) -> DPFedAvg:
@@ -153,7 +150,7 @@ def test_one_device_moves_the_fedadam_input_by_at_most_c_over_k(optimizer_inputs
             f"privacy.max_grad_norm={clip}",
         )
         strategy = _strategy(cfg, np.full(n, 5))
-        strategy.mechanism.noise_multiplier = 0.0
+        strategy.user_dp.noise_multiplier = 0.0
         glob, grid = _arrays(np.zeros(DIM)), FakeGrid(n)
         start = len(optimizer_inputs)
         models = []
@@ -225,7 +222,7 @@ def test_epsilon_with_a_huge_device_equals_epsilon_of_the_uniform_population():
                 f"privacy.target_epsilon={target}",
             )
             strategy = _strategy(cfg, counts)
-            reports[name, target] = strategy.epsilon(10)
+            reports[name, target] = strategy.privacy(10)
     for target in (0.0, 3.0):
         assert reports["huge", target] == reports["uniform", target]
         assert reports["huge", target]["sample_rate"] == pytest.approx(min(1, 2 * k / n))
@@ -244,7 +241,7 @@ def test_no_device_is_included_more_often_than_the_cap():
         "privacy.reproducible_noise=true",
     )
     strategy = _strategy(cfg, counts)
-    q_max = strategy.epsilon(1)["sample_rate"]
+    q_max = strategy.privacy(1)["sample_rate"]
     assert q_max == pytest.approx(0.4)
     hits = np.zeros(n)
     glob, grid = _arrays(np.zeros(DIM)), FakeGrid(n)
@@ -352,7 +349,7 @@ def test_a_round_nobody_can_answer_still_releases_noise():
     released = arrays["w"].numpy()
     assert np.all(np.isfinite(released)) and np.abs(released).max() > 0
     assert metrics is None  # no per-device metric is released
-    assert strategy.epsilon(1)["epsilon"] > 0  # and the round is accounted
+    assert strategy.privacy(1)["epsilon"] > 0  # and the round is accounted
 
 
 def test_more_devices_per_round_than_devices_is_a_one_line_error():
@@ -373,7 +370,7 @@ def test_delta_at_or_above_one_over_n_is_refused():
 
 def test_epsilon_report_names_what_it_guarantees():
     n, k = 10, 3
-    report = _strategy(_cfg(n, k), np.full(n, 5)).epsilon(4)
+    report = _strategy(_cfg(n, k), np.full(n, 5)).privacy(4)
     assert report["delta"] == default_delta(n)
     assert report["relation"] == "add/remove one device"
     assert report["accountant"] == "rdp"

@@ -1,11 +1,9 @@
-"""How well a membership-inference attack works: ROC AUC, advantage, TPR at low FPR, ROC plots."""
+"""How well a membership-inference attack works: ROC AUC, advantage, TPR at low FPR, ROC points."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
-from sklearn.metrics import auc, roc_auc_score, roc_curve
+from sklearn.metrics import roc_auc_score, roc_curve
 
 FPR_LEVELS = {"tpr_at_1pct_fpr": 0.01, "tpr_at_0.1pct_fpr": 0.001}
 
@@ -35,36 +33,6 @@ def attack_metrics(scores: np.ndarray, is_member: np.ndarray) -> dict[str, float
     out["members"] = int(members.sum())
     out["non_members"] = int((~members).sum())
     return out
-
-
-def plot_roc(
-    curves: dict[str, tuple[np.ndarray, np.ndarray]],
-    path: str | Path,
-    title: str = "Membership inference",
-) -> Path:
-    """ROC curves (name -> (fpr, tpr)) on log-log axes with the chance diagonal, saved as PNG."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    if not curves:
-        raise ValueError("plot_roc needs at least one curve")
-    positive = [f[f > 0].min() for f, _ in curves.values() if (np.asarray(f) > 0).any()]
-    low = min([1e-3, *positive])
-    fig = Figure(figsize=(5, 5))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    ax.plot([low, 1], [low, 1], ls="--", color="grey", lw=1, label="chance")
-    for name, (fpr, tpr) in curves.items():
-        fpr, tpr = np.asarray(fpr, dtype=float), np.asarray(tpr, dtype=float)
-        ax.plot(fpr, tpr, lw=1.5, label=f"{name} (AUC {auc(fpr, tpr):.3f})")
-    ax.set(xscale="log", yscale="log", xlim=(low, 1), ylim=(low, 1.05), title=title)
-    ax.set(xlabel="false positive rate", ylabel="true positive rate")
-    ax.legend(loc="lower right", fontsize="small")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png", dpi=120)
-    return path
 
 
 def _check(scores: np.ndarray, is_member: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -2,20 +2,27 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from torch import nn
 
-from fedtrust.tasks.base import Task
-
 IGNORE = -100
+
+
+class ScoredTask(Protocol):
+    """What scoring needs of a task (`fedtrust.tasks.Task` has it): its kind ("lm" scores every
+    predicted token) and how it collates rows into a batch with `labels`."""
+
+    kind: str
+
+    def collate(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]: ...
 
 
 @torch.no_grad()
 def example_scores(
-    model: nn.Module, task: Task, rows: list[dict[str, Any]], batch_size: int = 256
+    model: nn.Module, task: ScoredTask, rows: list[dict[str, Any]], batch_size: int = 256
 ) -> dict[str, np.ndarray]:
     """Per-example `loss` and `confidence` of `model` on `rows`, in the order of `rows`.
 

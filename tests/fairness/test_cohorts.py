@@ -7,11 +7,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 
-from fedtrust.fairness.cohorts import (
-    activity_cohorts,
+from fedtrust.errors import FairnessError
+from fedtrust.fairness.cohorts import activity_cohorts, cohort_report, device_accuracy
+from fedtrust.simulations.fairness_report import (
+    cohort_figure,
     cohort_markdown,
-    cohort_report,
-    device_accuracy,
+    write_cohort_report,
 )
 
 
@@ -68,7 +69,7 @@ def test_label_mix_weights_per_intent_accuracy_by_the_device_labels() -> None:
 
 def test_lm_without_device_ids_is_a_clear_error() -> None:
     task = FakeTask("lm", train=[], test=[{"ok": 1}])
-    with pytest.raises(ValueError, match="test rows with device ids"):
+    with pytest.raises(FairnessError, match="test rows with device ids"):
         device_accuracy(task, None, [np.arange(1)], ["a"])
 
 
@@ -81,7 +82,7 @@ def test_activity_quantiles_put_light_and_heavy_devices_apart() -> None:
     assert set(same) == {0} and len(names) == 1
 
 
-def test_report_finds_the_under_served_light_cohort() -> None:
+def test_report_finds_the_under_served_light_cohort(tmp_path) -> None:
     # 8 devices; the light half is wrong on its test rows and never selected
     names = [f"d{i}" for i in range(8)]
     parts = [np.arange(n) for n in (1, 1, 2, 2, 10, 10, 20, 20)]
@@ -102,3 +103,12 @@ def test_report_finds_the_under_served_light_cohort() -> None:
     assert [c["cohort"] for c in attribute["cohorts"]] == ["north", "south"]
     text = cohort_markdown(report)
     assert "### by activity" in text and "| north |" in text
+    # the figure: one panel per grouping, a bar per scored cohort at its accuracy
+    activity_ax, attribute_ax = cohort_figure(report).axes
+    assert [b.get_height() for b in activity_ax.patches] == [0.0, 1.0]
+    assert [t.get_text() for t in activity_ax.get_xticklabels()] == ["Q1", "Q2"]
+    assert activity_ax.get_title() == "by activity (gap 1.000)"
+    assert [t.get_text() for t in activity_ax.texts] == ["sel 0.0", "sel 2.0"]
+    assert [t.get_text() for t in attribute_ax.get_xticklabels()] == ["north", "south"]
+    write_cohort_report(report, tmp_path)
+    assert {p.name for p in tmp_path.iterdir()} == {"cohorts.json", "cohorts.md", "cohorts.png"}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import random
@@ -9,17 +10,27 @@ from pathlib import Path
 
 import pytest
 import torch
+from rich.console import Console
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+from typer.testing import CliRunner
 
+from fedtrust.errors import ConfigError, FairnessError
 from fedtrust.fairness.bold import disparity_report, polarity
 from fedtrust.fairness.distill import (
-    ConfigError,
     distillation_loss,
-    load_distill_config,
     perturb_log_probs,
-    run_distill,
+    training_stream,
 )
 from fedtrust.fairness.wordpairs import load_word_pairs
 from fedtrust.fairness.wordtokenizer import build_word_tokenizer, counterpart_map
+from fedtrust.simulations import distill_train
+from fedtrust.simulations.distill import run_distill
+from fedtrust.simulations.distill_config import load_distill_config
+from fedtrust.simulations.distill_report import tradeoff_figure
+from fedtrust.simulations.distill_train import train_lm
+from fedtrust.simulations.fairness_cli import app
+from fedtrust.tasks.training import make_optimizer
 
 PAIRS = load_word_pairs()
 TEXT = (
@@ -57,9 +68,6 @@ def test_token_swap_matches_text_swap_and_twice_is_identity() -> None:
 
 
 def test_bpe_tokenizer_maps_only_single_token_words() -> None:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
     rng = random.Random(0)
     words = ["he", "she", "king", "queen", "his", "her", "works", "the", "said", "and"]
     corpus = [" ".join(rng.choice(words) for _ in range(12)) for _ in range(300)]
@@ -129,6 +137,62 @@ def test_distillation_loss_is_zero_when_student_matches_teacher() -> None:
     teacher = torch.log_softmax(logits / 2.0, dim=-1)
     loss, parts = distillation_loss(logits, teacher, labels, 2.0, kd_weight=1.0, lm_weight=0.0)
     assert abs(parts["kd"]) < 1e-5 and abs(float(loss)) < 1e-5
+
+
+def test_training_stream_per_variant() -> None:
+    train, swapped = torch.arange(4), torch.arange(10, 13)
+    assert torch.equal(training_stream(train, swapped, "plain"), train)
+    assert torch.equal(training_stream(train, swapped, "perturb"), train)
+    both = torch.cat([train, swapped])
+    assert torch.equal(training_stream(train, swapped, "cda+perturb", "two-sided"), both)
+    assert torch.equal(training_stream(train, swapped, "cda", "one-sided"), swapped)
+    with pytest.raises(FairnessError, match="unknown variant 'fair'"):
+        training_stream(train, swapped, "fair")
+    with pytest.raises(FairnessError, match="unknown perturbation 'median'"):
+        perturb_log_probs(P.log(), P_CF.log(), COUNTERPARTS, "median")
+
+
+def test_train_lm_warms_up_decays_to_a_tenth_and_clips(monkeypatch) -> None:
+    made: list[torch.optim.Optimizer] = []
+    norms: list[float] = []
+
+    def spy(*args, **kwargs):
+        optimizer = make_optimizer(*args, **kwargs)
+        optimizer.register_step_post_hook(record_norm)  # runs after the step: clipped gradients
+        made.append(optimizer)
+        return optimizer
+
+    def record_norm(optimizer, *_):
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"]]
+        norms.append(float(torch.stack([g.norm() for g in grads]).norm()))
+
+    monkeypatch.setattr(distill_train, "make_optimizer", spy)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    lrs: list[float] = []
+
+    def step_loss(batch):
+        lrs.append(made[0].param_groups[0]["lr"])
+        return 1000 * model(batch["input_ids"]).sum(), {"part": 1.0}
+
+    steps, lr = 40, 0.1
+    batches = [{"input_ids": torch.ones(2, 4)}] * steps
+    out = io.StringIO()
+    info = train_lm(model, batches, step_loss, steps, lr, Console(file=out), "toy")
+    warmup = steps // 20
+    expected = [
+        lr * s / warmup
+        if s < warmup
+        else lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (s - warmup) / (steps - warmup))))
+        for s in range(steps)
+    ]
+    assert lrs == pytest.approx(expected)
+    assert made[0].param_groups[0]["weight_decay"] == 0.01
+    assert len(norms) == steps and max(norms) == pytest.approx(1.0, rel=1e-4)  # clipped to 1
+    assert info["steps"] == steps and set(info["final"]) == {"loss", "part"}
+    assert not model.training
+    log = [line for line in out.getvalue().splitlines() if line.strip()]
+    assert [line.split()[2] for line in log] == ["8/40", "16/40", "24/40", "32/40", "40/40"]
 
 
 # --------------------------------------------------------------------------- the metric
@@ -241,10 +305,23 @@ def test_known_bias_is_detected_and_mitigated(biased_setup: Path) -> None:
         assert (run_dir / name).is_file(), name
     assert "student-cda+perturb" in (run_dir / "distill.md").read_text()
     assert json.loads((run_dir / "distill.json").read_text())["method"]["perturbation"] == "max"
+    # the figure: one point per model at (disparity, perplexity), with the disparity's error bar
+    (ax,) = tradeoff_figure(report).axes
+    assert [c.get_label() for c in ax.containers] == list(models)
+    for container, m in zip(ax.containers, models.values()):
+        xs, ys = container.lines[0].get_data()
+        assert (list(xs), list(ys)) == ([m["bold"]["disparity"]], [m["perplexity"]])
 
-    # the same run again reuses the saved teacher and students instead of training them
+    # the same run again (from the CLI) reuses the saved teacher
     stamp = (run_dir / "teacher" / "model.safetensors").stat().st_mtime
-    _, again = run_distill(biased_setup / "tiny.toml", ['distill.variants=["plain"]'])
+    code, output = _cli(
+        "distill", "--config", biased_setup / "tiny.toml", "--set", 'distill.variants=["plain"]'
+    )
+    assert code == 0, output
+    assert "reusing the teacher" in output
+    assert "# Counterfactual role-reversal distillation" in output  # distill.md, printed
+    assert output.endswith(f"report in {run_dir} (distill.md, distill.json, distill.png)")
+    again = json.loads((run_dir / "distill.json").read_text())
     assert (run_dir / "teacher" / "model.safetensors").stat().st_mtime == stamp
     assert again["models"]["teacher"]["train"] == models["teacher"]["train"]
     assert again["models"]["student-plain"]["perplexity"] == pytest.approx(
@@ -256,3 +333,15 @@ def test_a_teacher_folder_without_a_model_is_a_config_error(tmp_path):
     missing = tmp_path / "no-teacher-here"
     with pytest.raises(ConfigError, match=r"teacher\.model = .*no-teacher-here.*: no config\.json"):
         run_distill(None, [f"teacher.model='{missing}'", f"run.output_dir='{tmp_path}'"])
+
+
+def test_cli_config_errors_are_one_line(tmp_path):
+    code, output = _cli("distill", "--set", "distill.temperature=-1")
+    assert code == 2 and output == "error: --set: distill.temperature: must be > 0, got -1.0"
+    code, output = _cli("distill", "--config", tmp_path / "nope.toml")
+    assert code == 2 and output == f"error: {tmp_path / 'nope.toml'}: config file not found"
+
+
+def _cli(*args):
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    return result.exit_code, " ".join(result.output.split())

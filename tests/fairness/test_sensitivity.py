@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
-import itertools
 import json
 
 import numpy as np
 import pytest
 import torch
+from scipy.stats import spearmanr
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BertConfig,
+    BertForSequenceClassification,
+    BertTokenizer,
+)
 
-from fedtrust.fairness.psm import fine_tune, freeze_lower, train_psm
-from fedtrust.fairness.report import write_report
+from fedtrust.errors import FairnessError
+from fedtrust.fairness import psm as psm_module
+from fedtrust.fairness.psm import copy_encoder, fine_tune
 from fedtrust.fairness.sensitivity import (
     SensitivityError,
     accumulated,
@@ -22,73 +30,9 @@ from fedtrust.fairness.sensitivity import (
     spearman,
 )
 from fedtrust.fairness.wordpairs import load_word_pairs
-
-MALE = ["he", "my brother", "this man", "my father", "my son", "my uncle"]
-FEMALE = ["she", "my sister", "this woman", "my mother", "my daughter", "my aunt"]
-JOY = ["happy", "glad", "excited", "delighted", "cheerful"]
-SAD = ["sad", "miserable", "gloomy", "depressed", "upset"]
-TEMPLATES = ["{s} feels {e}.", "{s} is {e} today.", "{s} seems {e} now."]
-STEPS = 120
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run several times faster on one thread than on two contended ones."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def _toy() -> tuple[list[str], list[int], list[int]]:
-    """Every template x person x emotion word: texts, gender (1 = female), emotion (1 = joy).
-    The set is its own counterfactual augmentation: every sentence's gender swap is in it."""
-    texts, gender, joy = [], [], []
-    people = [(0, MALE), (1, FEMALE)]
-    for template, (g, persons), (y, words) in itertools.product(
-        TEMPLATES, people, [(1, JOY), (0, SAD)]
-    ):
-        for person, word in itertools.product(persons, words):
-            text = template.format(s=person, e=word)
-            texts.append(text[0].upper() + text[1:])
-            gender.append(g)
-            joy.append(y)
-    return texts, gender, joy
-
-
-def _classifier(folder, labels, texts, tokenizer, seed=0):
-    from transformers import AutoModelForSequenceClassification
-
-    torch.manual_seed(seed)
-    model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=2)
-    freeze_lower(model, 0)  # embeddings frozen: every model shares the tiny BERT's embeddings
-    fine_tune(model, tokenizer, texts, labels, STEPS, 32, lr=1e-3, head_lr=1e-3, seed=seed)
-    return model
-
-
-@pytest.fixture(scope="module")
-def toy(tiny_bert):
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    from fedtrust.tasks.models import quiet_transformers
-
-    quiet_transformers()
-    tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
-    texts, gender, joy = _toy()
-    base = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2)
-    psm, _ = train_psm(base, tokenizer, texts, gender, STEPS, lr=1e-3, head_lr=1e-3)
-    return {
-        "tokenizer": tokenizer,
-        "texts": texts,
-        "gender": gender,
-        "joy": joy,
-        "swapped": [load_word_pairs().swap(t) for t in texts],
-        "psm": psm,
-        # known bias: the label is the gendered word (female -> 1), whatever the emotion
-        "biased": _classifier(tiny_bert, gender, texts, tokenizer),
-        # trained on the counterfactually augmented set: the label is the emotion word
-        "fair": _classifier(tiny_bert, joy, texts, tokenizer),
-    }
+from fedtrust.simulations.fairness_report import sensitivity_figure, write_report
+from fedtrust.tasks.base import freeze_lower
+from fedtrust.tasks.training import make_optimizer
 
 
 def test_swapped_texts_are_the_gender_counterfactuals(toy):
@@ -163,9 +107,7 @@ def test_empty_group_is_an_error_naming_it():
         accumulated([0.1], {"gender": ["male"]}, {"race": ["A"]})
 
 
-def test_psm_for_another_tokenizer_is_a_clear_error(toy, tiny_bert, tmp_path):
-    from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
-
+def test_psm_for_another_tokenizer_is_a_clear_error(toy, tmp_path):
     small = BertForSequenceClassification(
         BertConfig(
             vocab_size=10,
@@ -196,6 +138,18 @@ def test_spearman_handles_ties():
     assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
     assert spearman([1, 1, 2, 2], [1, 1, 2, 2]) == pytest.approx(1.0)
     assert np.isnan(spearman([1, 1, 1], [1, 2, 3]))
+    assert np.isnan(spearman([1.0], [2.0]))
+
+
+def test_spearman_on_ties_is_pearson_of_average_ranks_and_scipy():
+    a = [0.1, 0.5, 0.5, 0.9, 0.2, 0.5]
+    b = [3.0, 1.0, 1.0, 2.0, 3.0, 0.0]
+    # average ranks (1-based) worked out by hand: the three 0.5s share rank 4, the 3.0s rank 5.5
+    ranks_a = [1, 4, 4, 6, 2, 4]
+    ranks_b = [5.5, 2.5, 2.5, 4, 5.5, 1]
+    by_hand = np.corrcoef(ranks_a, ranks_b)[0, 1]
+    assert spearman(a, b) == pytest.approx(by_hand, abs=1e-12)
+    assert spearman(a, b) == pytest.approx(spearmanr(a, b).statistic, abs=1e-12)
 
 
 def test_audit_and_report(toy, tmp_path):
@@ -223,131 +177,66 @@ def test_audit_and_report(toy, tmp_path):
     assert [m["name"] for m in data["models"]] == ["biased", "fair"]
     md = (tmp_path / "sensitivity.md").read_text()
     assert "| biased |" in md and "APS female" in md
-    assert (tmp_path / "sensitivity.png").stat().st_size > 1000
+    assert (tmp_path / "sensitivity.png").is_file()
+    # the figure shows the audit: per model, APS overall then per gender; the counterfactual gap
+    left, right = sensitivity_figure(results, "toy").axes
+    aps_bars, gap_bars = left.containers, right.containers
+    assert [c.get_label() for c in aps_bars] == ["biased", "fair"]
+    assert [t.get_text() for t in left.get_xticklabels()] == [
+        "all",
+        "gender=female",
+        "gender=male",
+    ]
+    for result, bars, gaps in zip(results, aps_bars, gap_bars):
+        s, cf = result["sensitivity"], result["counterfactual"]
+        expected = [s["overall"], s["groups"]["gender"]["female"], s["groups"]["gender"]["male"]]
+        assert [b.get_height() for b in bars] == pytest.approx(expected)
+        assert [b.get_height() for b in gaps] == pytest.approx(
+            [cf["mean_abs_delta"], cf["flip_rate"]]
+        )
+    with pytest.raises(FairnessError, match="no audited model"):
+        write_report(tmp_path, {"models": []}, "empty")
 
 
-@pytest.fixture(scope="module")
-def saved(toy, tmp_path_factory):
-    """A fedtrust-style run folder (run/model/) with the biased classifier, and a PSM folder."""
-    root = tmp_path_factory.mktemp("saved")
-    for name, folder in (("biased", root / "run" / "model"), ("psm", root / "psm")):
-        toy[name].save_pretrained(folder)
-        toy["tokenizer"].save_pretrained(folder)
-    (root / "run" / "config.toml").write_text('[task]\nmodel = "minilm"\n')
-    return root
+# --------------------------------------------------------------------------- the PSM
 
 
-def _cli(*args):
-    from typer.testing import CliRunner
-
-    from fedtrust.fairness.cli import app
-
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    return result.exit_code, " ".join(result.output.split())
-
-
-def test_cli_sensitivity_writes_a_report(saved, tmp_path):
-    code, output = _cli(
-        "sensitivity",
-        "--model",
-        saved / "run",
-        "--psm",
-        saved / "psm",
-        "--out",
-        tmp_path / "report",
-        "--examples",
-        60,
-    )
-    assert code == 0, output
-    assert "APS =" in output and "report in" in output
-    data = json.loads((tmp_path / "report" / "sensitivity.json").read_text())
-    (model,) = data["models"]
-    assert model["examples_measured"] == 60
-    assert set(model["sensitivity"]["groups"]["gender"]) == {"male", "female"}
-    assert set(model["sensitivity"]["groups"]["race"]) == {"African-American", "European"}
-    assert (tmp_path / "report" / "sensitivity.png").is_file()
+def test_copy_encoder_copies_the_whole_base_model_and_makes_a_fresh_head(toy):
+    tc = toy["biased"]
+    psm = copy_encoder(tc, num_labels=2, seed=1)
+    tc_state, psm_state = tc.state_dict(), psm.state_dict()
+    base = tc.base_model_prefix
+    for key, value in tc_state.items():
+        if key.startswith(f"{base}."):  # embeddings, layers and the pooler
+            assert torch.equal(psm_state[key], value), key
+    assert any(k.startswith(f"{base}.pooler.") for k in tc_state)
+    assert not torch.equal(psm_state["classifier.weight"], tc_state["classifier.weight"])
+    assert psm.config.id2label == {0: "male", 1: "female"}
 
 
-def test_cli_trains_a_psm_when_none_is_given(saved, tmp_path):
-    code, output = _cli(
-        "sensitivity",
-        "--model",
-        saved / "run" / "model",
-        "--out",
-        tmp_path,
-        "--examples",
-        30,
-        "--psm-steps",
-        5,
-    )
-    assert code == 0, output
-    assert (tmp_path / "psm" / "config.json").is_file()
-    assert "gender_accuracy" in json.loads((tmp_path / "sensitivity.json").read_text())["psm"]
+def test_fine_tune_trains_head_and_pooler_at_head_lr(tiny_bert, monkeypatch):
+    made: list[torch.optim.Optimizer] = []
 
+    def spy(*args, **kwargs):
+        made.append(make_optimizer(*args, **kwargs))
+        return made[-1]
 
-def test_cli_bad_input_is_one_clear_line(toy, saved, tiny_bert, tmp_path):
-    from transformers import BertConfig, BertForSequenceClassification
-
-    code, output = _cli("sensitivity", "--model", tmp_path)
-    assert code == 2 and f"error: {tmp_path}: no model (expected model/config.json" in output
-    code, output = _cli("sensitivity", "--model", tiny_bert, "--psm", saved / "psm")
-    assert code == 2 and "is a BertModel, not a sequence classifier" in output
-    code, output = _cli(
-        "sensitivity", "--model", saved / "run", "--psm", saved / "psm", "--examples", 3
-    )
-    assert code == 2 and "is empty: no example of it among 3" in output
-    # a PSM built for another vocabulary
-    other = tmp_path / "other-psm"
-    config = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2)
-    BertForSequenceClassification(config).save_pretrained(other)
-    toy["tokenizer"].save_pretrained(other)
-    code, output = _cli("sensitivity", "--model", saved / "run", "--psm", other)
-    assert code == 2, output
-    assert f"{other} has a vocabulary of 50 tokens but {saved / 'run' / 'model'}" in output
-    assert "Traceback" not in output
-
-
-def test_bias_demo_biased_training_scores_worse(tiny_bert):
-    from fedtrust.fairness.bias_demo import run_bias_demo
-
-    result = run_bias_demo(
-        str(tiny_bert),
-        steps=100,
-        psm_steps=100,
-        freeze_layers=0,
-        lr=1e-3,
-        head_lr=1e-3,
-        test_examples=100,
-    )
-    data = result["data"]
-    assert data["biased"]["joy_share_female"] > 0.8 > 0.2 > data["biased"]["not_joy_share_female"]
-    assert data["augmented"]["joy_share_female"] == 0.5
-    biased, augmented = result["models"]
-    assert (biased["name"], augmented["name"]) == ("biased", "augmented")
-    assert biased["sensitivity"]["overall"] > 2 * augmented["sensitivity"]["overall"]
-    assert (
-        biased["counterfactual"]["mean_abs_delta"]
-        > 2 * augmented["counterfactual"]["mean_abs_delta"]
-    )
-
-
-def test_cli_bias_demo(tiny_bert, tmp_path):
-    code, output = _cli(
-        "bias-demo",
-        "--model",
-        tiny_bert,
-        "--out",
-        tmp_path,
-        "--steps",
-        5,
-        "--psm-steps",
-        5,
-        "--freeze-layers",
-        0,
-    )
-    assert code == 0, output
-    assert "biased: accuracy" in output and "augmented: accuracy" in output
-    md = (tmp_path / "sensitivity.md").read_text()
-    assert "| biased |" in md and "| augmented |" in md
-    code, output = _cli("bias-demo", "--model", tiny_bert, "--correlation", 0.2)
-    assert code == 2 and "correlation must be in [0.5, 1], got 0.2" in output
+    monkeypatch.setattr(psm_module, "make_optimizer", spy)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2)
+    freeze_lower(model, embeddings=True, layers=1)
+    head_before = model.classifier.weight.detach().clone()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
+    texts, labels = ["he is here.", "she is here."] * 4, [0, 1] * 4
+    info = fine_tune(model, tokenizer, texts, labels, steps=3, lr=1e-5, head_lr=1e-2)
+    (optimizer,) = made
+    lr = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    assert lr[id(named["classifier.weight"])] == 1e-2
+    assert lr[id(named["bert.pooler.dense.weight"])] == 1e-2  # tasks.models.HEAD_PREFIXES
+    assert lr[id(named["bert.encoder.layer.1.attention.self.query.weight"])] == 1e-5
+    assert id(named["bert.encoder.layer.0.attention.self.query.weight"]) not in lr  # frozen
+    assert id(named["bert.embeddings.word_embeddings.weight"]) not in lr
+    assert not torch.equal(model.classifier.weight, head_before) and not model.training
+    assert np.isfinite(info["train_loss"])
+    with pytest.raises(FairnessError, match="one non-zero length"):
+        fine_tune(model, tokenizer, ["a"], [0, 1])

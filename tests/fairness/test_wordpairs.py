@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
 
+from fedtrust.errors import DataError
 from fedtrust.fairness.wordpairs import (
+    BUNDLED,
     WordPairError,
     WordPairs,
-    dedupe_pairs,
     load_word_pairs,
 )
 
-SHARED = Path(__file__).resolve().parents[3] / "shared" / "data" / "gender_pairs"
+# uclanlp/gn_glove's lists as published, vendored beside the cleaned ones (see SOURCE.md)
+ORIGINAL_MALE = BUNDLED / "original_male_word_file.txt"
+ORIGINAL_FEMALE = BUNDLED / "original_female_word_file.txt"
 
 
 def _write(tmp_path: Path, male: list[str], female: list[str]) -> tuple[Path, Path]:
@@ -79,17 +83,34 @@ def test_unequal_files_and_missing_file(tmp_path: Path) -> None:
         load_word_pairs(tmp_path / "nope.txt", female)
 
 
-@pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data not beside the repository")
-def test_original_list_has_duplicates_and_dedupe_fixes_it() -> None:
-    with pytest.raises(WordPairError):
-        load_word_pairs(SHARED / "male_word_file.txt", SHARED / "female_word_file.txt")
-    male = (SHARED / "male_word_file.txt").read_text().split()
-    female = (SHARED / "female_word_file.txt").read_text().split()
+def test_original_list_has_duplicates_and_dedupe_makes_the_bundled_pairs() -> None:
+    with pytest.raises(WordPairError, match="already appears"):
+        load_word_pairs(ORIGINAL_MALE, ORIGINAL_FEMALE)
+    male = ORIGINAL_MALE.read_text().lower().split()
+    female = ORIGINAL_FEMALE.read_text().lower().split()
+    assert len(male) == len(female) == 222
     kept, dropped = dedupe_pairs(zip(male, female))
-    assert len(kept) + len(dropped) == len(male)
-    WordPairs(tuple(kept))  # no error: an involution
+    assert len(kept) == 191 and len(dropped) == 31
+    assert WordPairs(tuple(kept)).pairs == load_word_pairs().pairs  # what SOURCE.md says
+
+
+def test_word_pair_errors_are_data_errors(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="not found"):
+        load_word_pairs(tmp_path / "nope.txt", tmp_path / "nope.txt")
 
 
 def test_gendered_counts() -> None:
     pairs = load_word_pairs()
     assert pairs.gendered("He and his brother met her.") == {"male": 3, "female": 1}
+
+
+def dedupe_pairs(pairs: Iterable[tuple[str, str]]) -> tuple[list[tuple[str, str]], list]:
+    """Keep the first pair of every word; return (kept, dropped) — how the bundled list was made."""
+    kept, dropped, used = [], [], set()
+    for male, female in pairs:
+        if male in used or female in used or male == female:
+            dropped.append((male, female))
+            continue
+        kept.append((male, female))
+        used |= {male, female}
+    return kept, dropped

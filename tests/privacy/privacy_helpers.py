@@ -10,13 +10,20 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+)
+from transformers.utils import logging
+
+from fedtrust.tasks.lm import CharLMTask
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def tiny_bert(num_labels: int = 3, vocab: int = 50, hidden: int = 16, seed: int = 0) -> nn.Module:
-    from transformers import BertConfig, BertForSequenceClassification
-
     torch.manual_seed(seed)
     cfg = BertConfig(
         vocab_size=vocab,
@@ -33,9 +40,6 @@ def tiny_bert(num_labels: int = 3, vocab: int = 50, hidden: int = 16, seed: int 
 
 
 def tiny_gpt2(seed: int = 0) -> nn.Module:
-    from transformers import GPT2Config, GPT2LMHeadModel
-    from transformers.utils import logging
-
     logging.set_verbosity_error()
     torch.manual_seed(seed)
     cfg = GPT2Config(
@@ -132,8 +136,6 @@ def regression_batch(n: int, d_in: int = 6, d_out: int = 4, seed: int = 0) -> di
 
 def tiny_char_lm_task():
     """fedtrust's character-level LM task on a 10-character vocabulary, one small GPT-2 layer."""
-    from fedtrust.tasks.lm import CharLMTask
-
     return CharLMTask(
         kind="lm",
         train=[],

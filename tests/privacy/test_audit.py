@@ -10,8 +10,11 @@ import numpy as np
 import pytest
 from tiny_runs import tiny_run_config
 
-from fedtrust.privacy.audit import attack_run, check_disjoint, membership_inference, run_audit
+from fedtrust.errors import ConfigError, RunFolderError
+from fedtrust.simulations.audit import attack_run, run_audit
 from fedtrust.simulations.centralized import train_centralized
+from fedtrust.simulations.config import load_config
+from fedtrust.simulations.population import build_population
 
 
 @pytest.fixture(scope="module")
@@ -100,19 +103,6 @@ def test_audit_of_federated_user_level_dp_with_canary_devices(tmp_path, tiny_ber
     assert "## Federated: user-level DP-FedAvg" in (out / "audit.md").read_text()
 
 
-def test_overlapping_members_and_non_members_are_refused():
-    rows = [{"input_ids": [1, 2, 3]}, {"input_ids": [4, 5]}]
-    with pytest.raises(ValueError, match="1 non-member rows are identical to member rows"):
-        check_disjoint(rows, [{"input_ids": [7]}, {"input_ids": [4, 5]}])
-
-
-def test_without_shadows_only_the_loss_attack_runs():
-    is_member = np.r_[np.ones(50, bool), np.zeros(50, bool)]
-    scores = {"loss": np.r_[np.zeros(50), np.ones(50)], "confidence": np.zeros(100)}
-    result = membership_inference(scores, is_member)
-    assert list(result) == ["loss"] and result["loss"]["auc"] == 1.0
-
-
 def test_attack_on_a_finished_run(tmp_path, tiny_bert, varied_jsonl):
     cfg = tiny_run_config(
         tmp_path, tiny_bert, varied_jsonl, "central", "client.batch_size=16", "server.rounds=1"
@@ -121,8 +111,11 @@ def test_attack_on_a_finished_run(tmp_path, tiny_bert, varied_jsonl):
     out, report = attack_run(run_dir, "mia", examples=60)
     assert report["members"] == report["non_members"] == 20  # the 10% test split
     assert (out / "mia.json").is_file() and (out / "mia_roc.png").is_file()
-    with pytest.raises(ValueError, match="planted no canaries"):
+    assert json.loads((out / "mia.json").read_text())["auc"] == pytest.approx(report["auc"])
+    with pytest.raises(RunFolderError, match="planted no canaries"):
         attack_run(run_dir, "canary")
+    with pytest.raises(ConfigError, match="unknown attack 'lira'"):
+        attack_run(run_dir, "lira")
 
 
 def test_attack_cli_errors_are_one_line(tmp_path):
@@ -147,9 +140,6 @@ def test_attack_cli_errors_are_one_line(tmp_path):
 
 
 def test_planted_canaries_sit_on_one_device_and_decoys_on_the_others(tiny_bert, intent_jsonl):
-    from fedtrust.simulations.config import load_config
-    from fedtrust.simulations.population import build_population
-
     cfg = load_config(
         None,
         [

@@ -21,6 +21,9 @@ from fedtrust.privacy.attacks.canary import (
     make_canaries,
     summarise,
 )
+from fedtrust.simulations.canaries import audit_canaries
+from fedtrust.simulations.config import load_config
+from fedtrust.tasks import build_task
 from fedtrust.tasks.intent import IntentTask
 
 LABELS = ("alarm", "pin", "weather")
@@ -243,3 +246,25 @@ def test_bad_canaries_are_clear_errors(tokenizer) -> None:
         exposure(model, tokenizer, Canary("call me on", "1 2 3 4", "weather"))
     with pytest.raises(ValueError, match=r"secret tokens \['3', '4'\] .* not in the alphabet"):
         exposure(model, tokenizer, Canary("call me on", "1 2 3 4", "alarm"), alphabet=["1", "2"])
+
+
+def test_the_canaries_a_config_asks_for(tiny_bert, intent_jsonl):
+    base = [f'task.dataset="{intent_jsonl}"', f'task.model="{tiny_bert}"']
+    cfg = load_config(
+        None,
+        [
+            *base,
+            "audit.canary_repetitions=[2, 3]",
+            "audit.canaries_per_level=1",
+            "audit.canary_decoys=4",
+        ],
+    )
+    task = build_task(cfg.task, seed=cfg.run.seed)
+    canaries, rows = audit_canaries(cfg, task)
+    assert [c.repetitions for c in canaries] == [2, 3]
+    assert {c.label for c in canaries} <= set(task.labels)
+    # each canary `repetitions` times, then 4 decoys for each of the 2 prefixes
+    assert [r["canary"] for r in rows] == [0, 0, 1, 1, 1] + [-1] * 8
+    assert audit_canaries(cfg, task) == (canaries, rows)  # deterministic: planted = attacked
+    none = load_config(None, [*base, "audit.canaries_per_level=0"])
+    assert audit_canaries(none, task) == ([], [])

@@ -7,7 +7,8 @@ import pytest
 import torch
 from privacy_helpers import tiny_char_lm_task
 
-from fedtrust.privacy import DPOptimizer, PerSampleHooks
+from fedtrust.privacy import DPOptimizer
+from fedtrust.privacy.grad_sample import PerSampleHooks
 
 
 def _rows() -> list[dict]:

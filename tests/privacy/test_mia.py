@@ -11,7 +11,9 @@ import torch
 from privacy_helpers import tiny_bert, tiny_gpt2
 from scipy.stats import norm
 
-from fedtrust.privacy.attacks.metrics import attack_metrics, plot_roc, roc_points
+from fedtrust.errors import DataError
+from fedtrust.privacy.attacks.membership import check_disjoint, membership_inference
+from fedtrust.privacy.attacks.metrics import attack_metrics, roc_points
 from fedtrust.privacy.attacks.mia import (
     lira_offline,
     lira_online,
@@ -33,6 +35,8 @@ def test_metrics_on_a_hand_checked_case():
     assert m["tpr_at_1pct_fpr"] == pytest.approx(0.5)
     assert m["tpr_at_0.1pct_fpr"] == pytest.approx(0.5)
     assert (m["members"], m["non_members"]) == (2, 2)
+    fpr, tpr = roc_points(np.array([0.9, 0.8, 0.3, 0.1]), np.array([1, 0, 1, 0]))
+    assert fpr.tolist() == [0, 0, 0.5, 0.5, 1] and tpr.tolist() == [0, 0.5, 0.5, 1, 1]
 
 
 def test_separable_scores_give_auc_one_and_identical_distributions_chance():
@@ -55,17 +59,6 @@ def test_low_fpr_tpr_keeps_collinear_roc_points():
     m = attack_metrics(scores, member)
     assert m["tpr_at_1pct_fpr"] == pytest.approx(0.01)
     assert m["auc"] == pytest.approx(0.5)
-
-
-def test_plot_roc_writes_a_png(tmp_path):
-    rng = np.random.default_rng(1)
-    member = np.arange(1000) < 500
-    curves = {
-        "strong": roc_points(rng.normal(size=1000) + 2 * member, member),
-        "weak": roc_points(rng.normal(size=1000) + 0.2 * member, member),
-    }
-    path = plot_roc(curves, tmp_path / "plots" / "roc.png", title="test")
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.parametrize(
@@ -167,6 +160,31 @@ def test_attacks_reject_bad_inputs():
         loss_attack(np.zeros((2, 2)))
     with pytest.raises(ValueError, match=r"shape \(n_models >= 1, 10\)"):
         reference_attack(target, target)
+
+
+def test_overlapping_members_and_non_members_are_refused():
+    rows = [{"input_ids": [1, 2, 3]}, {"input_ids": [4, 5]}]
+    with pytest.raises(DataError, match="1 non-member rows are identical to member rows"):
+        check_disjoint(rows, [{"input_ids": [7]}, {"input_ids": [4, 5]}])
+    check_disjoint(rows, [{"input_ids": [1, 2]}])  # a prefix is another text
+
+
+def test_without_shadows_only_the_loss_attack_runs():
+    is_member = np.r_[np.ones(50, bool), np.zeros(50, bool)]
+    scores = {"loss": np.r_[np.zeros(50), np.ones(50)], "confidence": np.zeros(100)}
+    result = membership_inference(scores, is_member)
+    assert list(result) == ["loss"] and result["loss"]["auc"] == 1.0
+    fpr, tpr = result["loss"]["roc"]
+    assert fpr[0] == tpr[0] == 0 and fpr[-1] == tpr[-1] == 1
+
+
+def test_shadows_add_the_reference_and_lira_attacks():
+    target, conf, is_in, member, _ = _difficulty_data(n=400, shadows=8)
+    shadows = [{"confidence": c, "loss": -c} for c in conf]
+    result = membership_inference({"confidence": target, "loss": -target}, member, shadows, is_in)
+    assert list(result) == ["loss", "reference", "lira_offline", "lira_online"]
+    assert result["lira_online"]["auc"] > result["loss"]["auc"] + 0.2
+    assert result["reference"]["auc"] > result["loss"]["auc"] + 0.2
 
 
 # ---------------------------------------------------------------- scores from real models

@@ -6,9 +6,11 @@ import copy
 
 import torch
 from privacy_helpers import tiny_char_lm_task
+from torch.utils.data import DataLoader
 
+from fedtrust.clients.settings import ClientSettings
 from fedtrust.clients.train import LocalDP, train_local
-from fedtrust.simulations.config import ClientConfig
+from fedtrust.privacy import poisson_loader
 from fedtrust.tasks import trainable_state
 
 SIGMA, CLIP = 10.0, 1.0
@@ -19,7 +21,7 @@ def _setup():
     g = torch.Generator().manual_seed(0)
     rows = [{"input_ids": torch.randint(1, 11, (12,), generator=g).tolist()} for _ in range(40)]
     model = task.build_model(seed=0).eval()
-    cfg = ClientConfig(epochs=1, batch_size=8, optimizer="sgd", lr=0.1, head_lr_scale=1.0)
+    cfg = ClientSettings(epochs=1, batch_size=8, optimizer="sgd", lr=0.1, head_lr_scale=1.0)
     return task, rows, model, cfg
 
 
@@ -53,10 +55,6 @@ def test_reproducible_noise_is_replayed_exactly_so_it_is_reported_as_no_privacy(
 
 
 def test_poisson_batches_are_not_drawn_from_the_users_loader_generator():
-    from torch.utils.data import DataLoader
-
-    from fedtrust.privacy.data import poisson_loader
-
     def batches() -> list[list[int]]:
         loader = DataLoader(
             list(range(200)), batch_size=20, generator=torch.Generator().manual_seed(0)

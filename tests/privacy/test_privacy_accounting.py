@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from opacus.accountants import PRVAccountant, RDPAccountant
@@ -13,8 +15,10 @@ from fedtrust.privacy import (
     PrivacyEngine,
     calibrate_noise,
     compute_epsilon,
+    default_delta,
     device_epsilon,
     max_steps,
+    resolve_delta,
 )
 
 N, B = 40, 4  # q = 0.1
@@ -52,7 +56,6 @@ def test_epsilon_equals_opacus_accountant(mechanism, opacus_cls):
     for _ in range(engine.steps):
         ref.step(noise_multiplier=1.1, sample_rate=0.1)
     assert engine.get_epsilon(1e-3) == pytest.approx(ref.get_epsilon(delta=1e-3), rel=1e-9)
-    assert engine.epsilon(1e-3) == engine.get_epsilon(1e-3)
     assert device_epsilon(1.1, 0.1, 20, 1e-3, mechanism) == pytest.approx(ref.get_epsilon(1e-3))
 
 
@@ -118,9 +121,13 @@ def test_history_carries_over_federated_rounds():
 
 @pytest.mark.parametrize("accountant", ["rdp", "pld"])
 def test_calibration_search_does_not_warn_about_its_trial_points(accountant):
-    import warnings
-
     with warnings.catch_warnings():  # Opacus warns on the search's large trial noise levels
         warnings.simplefilter("error")
         sigma = calibrate_noise(8.0, 1 / 7600, 32 / 760, 475, accountant)
     assert compute_epsilon([(sigma, 32 / 760, 475)], 1 / 7600, accountant) <= 8.0
+
+
+def test_resolve_delta_takes_the_target_or_the_default():
+    assert resolve_delta(1e-7, 100) == 1e-7
+    assert resolve_delta(0.0, 100) == default_delta(100) == 1e-5
+    assert resolve_delta(None, 5000) == default_delta(5000) == pytest.approx(2e-6)

@@ -14,8 +14,10 @@ from privacy_helpers import (
 )
 from torch import nn
 
-from fedtrust.privacy import PerSampleHooks, PrivacyEngine, clip_factors, per_sample_norms
+from fedtrust.privacy import PrivacyEngine
+from fedtrust.privacy.clipping import clip_factors, per_sample_norms
 from fedtrust.privacy.clipping import per_sample_gradients as materialise
+from fedtrust.privacy.grad_sample import PerSampleHooks
 
 
 def make(model, batch, batch_size, **kw):

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import torch
+from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from privacy_helpers import Regressor, regression_batch, row_loader, text_batch, tiny_bert
+from torch.utils.data import DataLoader
 
-from fedtrust.privacy import PrivacyEngine
+from fedtrust.privacy import DPDataLoader, PrivacyEngine
 from fedtrust.privacy.data import batch_size_of, split_batch
 
 
@@ -82,3 +84,27 @@ def test_batch_helpers():
     assert [batch_size_of(p) for p in parts] == [2, 2, 1]
     torch.testing.assert_close(torch.cat([p["a"] for p in parts]), batch["a"])
     assert parts[0]["b"][1].shape == (3,) and parts[2]["c"] == "x"  # non-batch items kept
+
+
+def test_the_dp_loader_is_a_torch_data_loader():
+    data = row_loader(regression_batch(10), 5)
+    loaders = {}
+    for poisson in (True, False):
+        model = Regressor().double()
+        _, _, loaders[poisson] = PrivacyEngine().make_private(
+            module=model,
+            optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            data_loader=data,
+            noise_multiplier=1.0,
+            poisson_sampling=poisson,
+        )
+    for loader in loaders.values():
+        assert isinstance(loader, DataLoader) and isinstance(loader, DPDataLoader)
+        assert loader.dataset is data.dataset and len(loader) == len(data) == 2
+        assert loader.collate_fn is not None and loader.num_workers == 0
+    poisson, fixed = loaders[True], loaders[False]
+    # Poisson batches vary in size: a batch sampler and no batch_size, as in torch and Opacus
+    assert isinstance(poisson.batch_sampler, UniformWithReplacementSampler)
+    assert poisson.batch_size is None and poisson.sample_rate == 0.5
+    assert fixed.batch_sampler is data.batch_sampler and fixed.sample_rate == 0.5
+    torch.testing.assert_close([b["x"] for b in fixed], [b["x"] for b in data])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 from privacy_helpers import (
@@ -180,8 +182,6 @@ def test_exhaustion_lets_caller_checkpoint_and_stop():
 
 def test_records_released_while_user_still_holds_loss():
     """The graph kept alive by `loss` must not keep activations/gradients after step()."""
-    import gc
-
     model = Regressor().double()
     engine = PrivacyEngine()
     model, opt, _ = engine.make_private(

@@ -7,9 +7,11 @@ import torch
 from privacy_helpers import Regressor, regression_batch, row_loader, tiny_bert
 from torch import nn
 
+from fedtrust import errors
 from fedtrust.privacy import (
     BudgetTooSmallError,
     InvalidPrivacyParameterError,
+    PrivacyBudgetExhausted,
     PrivacyEngine,
     PrivacyError,
     UnsupportedModuleError,
@@ -25,6 +27,19 @@ def attach(model=None, n=20, batch=4, **kw):
         data_loader=data,
         **kw,
     )
+
+
+def test_privacy_errors_are_fedtrust_errors():
+    """The CLI prints a `FedtrustError` as one line: every privacy error is one."""
+    assert PrivacyError is errors.PrivacyError
+    for cls in (
+        InvalidPrivacyParameterError,
+        BudgetTooSmallError,
+        UnsupportedModuleError,
+        PrivacyBudgetExhausted,
+    ):
+        assert issubclass(cls, errors.FedtrustError)
+    assert issubclass(InvalidPrivacyParameterError, ValueError)  # `except ValueError` still works
 
 
 def one_line(exc: pytest.ExceptionInfo) -> str:

@@ -1,34 +1,55 @@
-"""The prediction-sensitivity report: sensitivity.json, sensitivity.md and sensitivity.png."""
+"""Fairness reports: the prediction-sensitivity audit (sensitivity.json/.md/.png) and the
+per-cohort accuracy of a federated run (cohorts.json/.md/.png).
+
+The figures are drawn on `matplotlib.figure.Figure` objects (no pyplot, no backend switch), so
+writing a report never changes the user's matplotlib state; the `*_figure` functions return the
+figure for a caller (or a test) to inspect.
+"""
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from matplotlib.figure import Figure
 
-from .sensitivity import FORMULA, REFERENCE
+from fedtrust.errors import FairnessError, RunFolderError
+from fedtrust.fairness.sensitivity import FORMULA, REFERENCE
+
+from .report import write_report_files
 
 TOP_EXAMPLES = 5
+
+
+def report_folder(path: Path | str) -> Path:
+    """Create the report folder; a RunFolderError naming it when that is impossible."""
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise RunFolderError(f"{out}: cannot create the report folder ({err})") from None
+    return out
 
 
 def write_report(out_dir: Path | str, result: dict[str, Any], title: str) -> Path:
     """Write the three report files for `result` (one or more audited models under "models",
     each as from `sensitivity.audit`; other keys are copied to the JSON). Returns out_dir."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     models = result.get("models") or []
     if not models:
-        raise ValueError("nothing to report: no audited model")
+        raise FairnessError("nothing to report: no audited model")
+    out = report_folder(out_dir)
     metric = {"formula": FORMULA, "reference": REFERENCE}
-    (out / "sensitivity.json").write_text(
-        json.dumps({"title": title, "metric": metric, **result}, indent=2, default=_jsonable) + "\n"
+    return write_report_files(
+        out,
+        "sensitivity",
+        {"title": title, "metric": metric, **result},
+        _markdown(result, title),
+        sensitivity_figure(models, title),
+        dpi=110,
+        default=_jsonable,
     )
-    (out / "sensitivity.md").write_text(_markdown(result, title))
-    plot(models, out / "sensitivity.png", title)
-    return out
 
 
 def _jsonable(value: Any) -> Any:
@@ -103,17 +124,13 @@ def _group_names(models: list[dict[str, Any]], column: str) -> list[str]:
     return sorted(names)
 
 
-def plot(models: list[dict[str, Any]], path: Path, title: str) -> None:
+def sensitivity_figure(models: list[dict[str, Any]], title: str) -> Figure:
     """Per-group APS (left) and the counterfactual gap (right), one bar colour per model."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     columns = sorted({c for m in models for c in m["sensitivity"]["groups"]})
     labels = ["all"] + [f"{c}={g}" for c in columns for g in _group_names(models, c)]
     keys = [None] + [(c, g) for c in columns for g in _group_names(models, c)]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), width_ratios=[2, 1])
+    fig = Figure(figsize=(11, 4.2))
+    left, right = fig.subplots(1, 2, width_ratios=[2, 1])
     width = 0.8 / len(models)
     for i, m in enumerate(models):
         s = m["sensitivity"]
@@ -141,5 +158,65 @@ def plot(models: list[dict[str, Any]], path: Path, title: str) -> None:
         left.legend()
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
+
+
+# --------------------------------------------------------------------------- cohorts
+
+
+def write_cohort_report(report: dict[str, Any], out_dir: Path, metric: str = "accuracy") -> None:
+    """cohorts.json, cohorts.md and cohorts.png in `out_dir` (a `cohorts.cohort_report`)."""
+    write_report_files(
+        out_dir, "cohorts", report, cohort_markdown(report, metric), cohort_figure(report, metric)
+    )
+
+
+def cohort_markdown(report: dict[str, Any], metric: str = "accuracy") -> str:
+    """One table of mean device accuracy, selections and never-selected share per grouping."""
+    lines = [
+        f"Per-device {metric} measured by {report['source']} "
+        f"({report['devices_scored']} of {report['devices']} devices scored, "
+        f"{report['rounds']} rounds).",
+        "",
+    ]
+    for by, table in report["by"].items():
+        gap = "n/a" if table["gap"] is None else f"{table['gap']:.4f}"
+        lines += [
+            f"### by {by} (worst cohort: {table['worst']}, gap {gap})",
+            "",
+            "| cohort | devices | mean device accuracy | selected / device | never selected |",
+            "|---|---|---|---|---|",
+        ]
+        for r in table["cohorts"]:
+            acc = "n/a" if r["accuracy"] is None else f"{r['accuracy']:.4f}"
+            lines.append(
+                f"| {r['cohort']} | {r['devices']} | {acc} | {r['selected_per_device']:.2f} "
+                f"| {r['never_selected']:.0%} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def cohort_figure(report: dict[str, Any], metric: str = "accuracy") -> Figure:
+    """Mean device accuracy per cohort, one panel per grouping, selections annotated."""
+    tables = list(report["by"].items())
+    fig = Figure(figsize=(5.5 * len(tables), 3.8))
+    axes = fig.subplots(1, len(tables), squeeze=False)
+    for ax, (by, table) in zip(axes[0], tables):
+        rows = [r for r in table["cohorts"] if r["accuracy"] is not None]
+        xs = np.arange(len(rows))
+        ax.bar(xs, [r["accuracy"] for r in rows], color="tab:blue", alpha=0.8)
+        for x, r in zip(xs, rows):
+            ax.annotate(
+                f"sel {r['selected_per_device']:.1f}",
+                (x, r["accuracy"]),
+                ha="center",
+                va="bottom",
+                fontsize=8,
+            )
+        ax.set_xticks(xs, [r["cohort"].split(":")[0] for r in rows])
+        ax.set_ylabel(f"mean device {metric}")
+        ax.set_title(f"by {by} (gap {table['gap'] or 0:.3f})")
+        ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return fig

@@ -8,17 +8,14 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 from pathlib import Path
 from typing import Any
 
-import matplotlib
 import numpy as np
+from matplotlib.figure import Figure
+from sklearn.metrics import auc
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from .attacks.metrics import plot_roc  # noqa: E402
+from .report import write_report_files
 
 ATTACKS = ("loss", "reference", "lira_offline", "lira_online")
 
@@ -33,9 +30,7 @@ def write_audit_report(report: dict[str, Any], out_dir: Path) -> dict[str, Path]
     plot_roc(curves, roc_png, title="Membership inference (strongest attack per level)")
     leak_png = plot_leakage(report, out_dir / "leakage.png")
     plain = _jsonable(report)
-    (out_dir / "audit.json").write_text(json.dumps(plain, indent=1) + "\n")
-    markdown = audit_markdown(plain)
-    (out_dir / "audit.md").write_text(markdown)
+    write_report_files(out_dir, "audit", plain, audit_markdown(plain))
     (out_dir / "audit.html").write_text(_html(plain, [leak_png, roc_png]))
     return {
         "json": out_dir / "audit.json",
@@ -134,12 +129,46 @@ def audit_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_leakage(report: dict[str, Any], path: Path) -> Path:
+def roc_figure(
+    curves: dict[str, tuple[np.ndarray, np.ndarray]], title: str = "Membership inference"
+) -> Figure:
+    """ROC curves (name -> (fpr, tpr)) on log-log axes with the chance diagonal."""
+    if not curves:
+        raise ValueError("plot_roc needs at least one curve")
+    positive = [f[f > 0].min() for f, _ in curves.values() if (np.asarray(f) > 0).any()]
+    low = min([1e-3, *positive])
+    fig = Figure(figsize=(5, 5))
+    ax = fig.add_subplot()
+    ax.plot([low, 1], [low, 1], ls="--", color="grey", lw=1, label="chance")
+    for name, (fpr, tpr) in curves.items():
+        fpr, tpr = np.asarray(fpr, dtype=float), np.asarray(tpr, dtype=float)
+        ax.plot(fpr, tpr, lw=1.5, label=f"{name} (AUC {auc(fpr, tpr):.3f})")
+    ax.set(xscale="log", yscale="log", xlim=(low, 1), ylim=(low, 1.05), title=title)
+    ax.set(xlabel="false positive rate", ylabel="true positive rate")
+    ax.legend(loc="lower right", fontsize="small")
+    fig.tight_layout()
+    return fig
+
+
+def plot_roc(
+    curves: dict[str, tuple[np.ndarray, np.ndarray]],
+    path: str | Path,
+    title: str = "Membership inference",
+) -> Path:
+    """`roc_figure` saved as a PNG at `path` (its folder created)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    roc_figure(curves, title).savefig(path, format="png", dpi=120)
+    return path
+
+
+def leakage_figure(report: dict[str, Any]) -> Figure:
     """Per privacy level: MIA AUC and TPR@1%FPR, canary exact-match, test accuracy."""
     levels = report["levels"]
     xs = np.arange(len(levels))
     metric = report["primary_metric"]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    fig = Figure(figsize=(13, 3.8))
+    axes = fig.subplots(1, 3)
     for attack in ATTACKS:
         ys = [lv["mia"][attack]["auc"] if attack in lv["mia"] else np.nan for lv in levels]
         if not np.all(np.isnan(ys)):
@@ -162,8 +191,12 @@ def plot_leakage(report: dict[str, Any], path: Path) -> Path:
         ax.grid(alpha=0.3)
     fig.suptitle("Leakage and utility by privacy level")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
+
+
+def plot_leakage(report: dict[str, Any], path: Path) -> Path:
+    """`leakage_figure` saved as a PNG at `path`."""
+    leakage_figure(report).savefig(path, dpi=120)
     return path
 
 

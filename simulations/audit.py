@@ -10,7 +10,8 @@ a random half of the pool, calibrate the attacks. Each target is then attacked:
 - canary extraction: model inversion of every canary's secret and its exposure.
 
 Every trained model and its scores are saved under `models/`; a re-run with the same output
-folder reuses them, so a stopped audit loses at most the model it was training.
+folder reuses them, so a stopped audit loses at most the model it was training. `attack_run`
+runs one attack on a finished `fedtrust simulate` / `train` run folder.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import dataclasses
 import json
 import math
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import asdict
 from datetime import datetime
@@ -28,93 +28,46 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from .accounting import default_delta
-from .attacks.canary import (
-    Canary,
-    canary_report,
-    canary_rows,
-    decoy_rows,
-    make_canaries,
-    summarise,
-)
-from .attacks.metrics import attack_metrics, roc_points
-from .attacks.mia import lira_offline, lira_online, loss_attack, reference_attack
-from .attacks.one_run import GradientCanaries, audit_from_losses, split_canaries
-from .attacks.scores import example_scores
+from fedtrust.clients.train import LocalDP, sample_rate, train_local
+from fedtrust.errors import ConfigError, ModelError, RunFolderError
+from fedtrust.privacy.accounting import resolve_delta
+from fedtrust.privacy.attacks.canary import Canary, canary_report, summarise
+from fedtrust.privacy.attacks.membership import check_disjoint, membership_inference
+from fedtrust.privacy.attacks.one_run import GradientCanaries, audit_from_losses, split_canaries
+from fedtrust.privacy.attacks.scores import example_scores
+from fedtrust.tasks import Task, build_task
+from fedtrust.tasks.models import quiet_transformers
+
+from .audit_report import plot_roc, write_audit_report
+from .canaries import audit_canaries
+from .config import AuditConfig, Config
+from .population import cached_population
+from .run_folder import load_run_model, read_metrics, run_mode, write_config
+from .runner import simulate
 
 Progress = Callable[[str], None]
+ATTACKS = ("mia", "canary")
 
 
-def check_disjoint(members: list[dict], non_members: list[dict]) -> None:
-    """A non-member identical to a member would be scored as both: refuse the split."""
-    seen = {tuple(r["input_ids"]) for r in members}
-    clash = [i for i, r in enumerate(non_members) if tuple(r["input_ids"]) in seen]
-    if clash:
-        raise ValueError(
-            f"{len(clash)} non-member rows are identical to member rows (first: non-member "
-            f"#{clash[0]}); members and non-members must not overlap"
-        )
-
-
-def membership_inference(
-    target: dict[str, np.ndarray],
-    is_member: np.ndarray,
-    shadows: list[dict[str, np.ndarray]] | None = None,
-    shadow_in: np.ndarray | None = None,
-) -> dict[str, dict[str, Any]]:
-    """Every attack the inputs allow: metrics and ROC points per attack.
-
-    `target`/`shadows` hold `example_scores` output on the same rows; `shadow_in[s, i]` says
-    whether shadow s trained on row i.
-    """
-    scores = {"loss": loss_attack(target["loss"])}
-    if shadows:
-        conf = np.stack([s["confidence"] for s in shadows])
-        loss = np.stack([s["loss"] for s in shadows])
-        out = ~shadow_in
-        if out.any():  # examples no shadow left out: the mean over all left-out losses
-            out_loss = np.where(out, loss, np.nan)
-            with np.errstate(invalid="ignore"), warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)
-                ref = np.nanmean(out_loss, axis=0)
-            ref = np.where(np.isnan(ref), np.nanmean(out_loss), ref)
-            scores["reference"] = reference_attack(target["loss"], ref[None, :])
-        scores["lira_offline"] = lira_offline(target["confidence"], conf, shadow_in)
-        if shadow_in.any() and out.any():
-            scores["lira_online"] = lira_online(target["confidence"], conf, shadow_in)
-    results = {}
-    for name, s in scores.items():
-        fpr, tpr = roc_points(s, is_member)
-        results[name] = {**attack_metrics(s, is_member), "roc": (fpr, tpr)}
-    return results
-
-
-def run_audit(cfg, progress: Progress | None = None) -> tuple[Path, dict[str, Any]]:
+def run_audit(cfg: Config, progress: Progress | None = None) -> tuple[Path, dict[str, Any]]:
     """Train, attack and report; returns the output folder and the report dict."""
-    from transformers import AutoTokenizer
-
-    from fedtrust.tasks import build_task
-    from fedtrust.tasks.models import quiet_transformers
-
-    from .audit_report import write_audit_report
-
     say = progress or (lambda message: None)
     began = time.perf_counter()
     torch.set_num_threads(max(1, cfg.client.num_cpus))
     quiet_transformers()
     audit = cfg.audit
     if cfg.task.kind != "intent":
-        raise ValueError(
+        raise ConfigError(
             f"audit: canary extraction needs a text classifier (task.kind = 'intent'), "
             f"got task.kind = {cfg.task.kind!r}"
         )
     name = cfg.run.name or datetime.now().strftime("audit-%Y%m%d-%H%M%S")
     out_dir = Path(cfg.run.output_dir) / name
     (out_dir / "models").mkdir(parents=True, exist_ok=True)
-    from fedtrust.simulations.runner import to_toml
-
-    (out_dir / "config.toml").write_text(to_toml(cfg))
+    write_config(out_dir, cfg)
 
     task = build_task(cfg.task, seed=cfg.run.seed)
     rng = np.random.default_rng(cfg.run.seed)
@@ -210,14 +163,22 @@ def _pool(rows: list[dict], size: int, rng: np.random.Generator) -> list[dict]:
     return out
 
 
-def _trained(cfg, task, rows, epsilon, folder: Path, pool, eval_rows, seed, say) -> dict[str, Any]:
+def _trained(
+    cfg: Config,
+    task: Task,
+    rows: list[dict[str, Any]],
+    epsilon: float,
+    folder: Path,
+    pool: list[dict[str, Any]],
+    eval_rows: list[dict[str, Any]],
+    seed: int,
+    say: Progress,
+) -> dict[str, Any]:
     """Train one model (or reload it from `folder`), with its scores on the pool."""
-    from fedtrust.clients.train import LocalDP, sample_rate, train_local
-
     info_file = folder / "info.json"
     if info_file.is_file():
         say(f"  reusing {folder}")
-        model = _model_class(task).from_pretrained(folder)
+        model = AutoModelForSequenceClassification.from_pretrained(folder)  # an intent task
         info = json.loads(info_file.read_text())
         scores = dict(np.load(folder / "scores.npz"))
         return {"model": model, "info": info, "scores": scores}
@@ -229,7 +190,7 @@ def _trained(cfg, task, rows, epsilon, folder: Path, pool, eval_rows, seed, say)
         p = cfg.privacy
         dp = LocalDP(
             max_grad_norm=p.max_grad_norm,
-            delta=p.target_delta or default_delta(len(rows)),
+            delta=resolve_delta(p.target_delta, len(rows)),
             target_epsilon=epsilon,
             clipping=p.clipping,
             accountant=p.accountant,
@@ -269,13 +230,11 @@ def _trained(cfg, task, rows, epsilon, folder: Path, pool, eval_rows, seed, say)
     return {"model": model, "info": info, "scores": scores}
 
 
-def _federated_level(cfg, epsilon: float, out_dir: Path, say: Progress) -> dict[str, Any]:
+def _federated_level(cfg: Config, epsilon: float, out_dir: Path, say: Progress) -> dict[str, Any]:
     """User-level DP-FedAvg at `epsilon` with canary devices: claimed against audited ε.
 
     A finished simulation in the audit folder is reused (its summary), like the trained models.
     """
-    from fedtrust.simulations.runner import simulate
-
     folder = out_dir / "federated" / f"user-eps{epsilon:g}"
     summary_file = folder / "summary.json"
     if summary_file.is_file():
@@ -309,7 +268,7 @@ def _one_run(
     """Claimed ε against one-run audit lower bounds: the pool's members as input-space canaries
     (black box: their losses), and the target's white-box gradient canaries when it has DP."""
     claimed = info["epsilon"] if info["epsilon"] is not None else math.inf
-    delta = info["delta"] or default_delta(n)
+    delta = resolve_delta(info["delta"], n)
     black_box = audit_from_losses(scores["loss"], is_member, delta).report(
         claimed, "input-space canaries (the audit pool, members by coin flip)"
     )
@@ -317,8 +276,13 @@ def _one_run(
 
 
 def _canary_attack(
-    model, tokenizer, canaries: list[Canary], labels, audit, seed: int
-) -> list[dict]:
+    model: nn.Module,
+    tokenizer: Any,
+    canaries: list[Canary],
+    labels: tuple[str, ...],
+    audit: AuditConfig,
+    seed: int,
+) -> list[dict[str, Any]]:
     if not canaries:
         return []
     return canary_report(
@@ -333,49 +297,6 @@ def _canary_attack(
     )
 
 
-def audit_canaries(cfg, task) -> tuple[list[Canary], list[dict[str, Any]]]:
-    """The canaries `cfg.audit` asks for and their encoded training rows (deterministic): each
-    canary `repetitions` times, then `audit.canary_decoys` decoys per prefix (`canary` = -1)."""
-    from transformers import AutoTokenizer
-
-    audit = cfg.audit
-    if task.kind != "intent" or not audit.canaries_per_level:
-        return [], []
-    canaries = make_canaries(
-        task.labels,
-        repetitions=tuple(audit.canary_repetitions),
-        per_level=audit.canaries_per_level,
-        seed=cfg.run.seed,
-    )
-    tokenizer = AutoTokenizer.from_pretrained(task.model_name)
-    rows = canary_rows(canaries, tokenizer, task.labels, cfg.task.max_length)
-    decoys = decoy_rows(
-        canaries, tokenizer, task.labels, cfg.task.max_length, audit.canary_decoys, cfg.run.seed
-    )
-    return canaries, rows + decoys
-
-
-def load_run_model(run_dir: Path):
-    """(config, task, trained model) of a finished `fedtrust simulate` / `train` run."""
-    from fedtrust.simulations.runner import load_run_config
-    from fedtrust.tasks import build_task
-
-    cfg = load_run_config(run_dir)
-    if not (run_dir / "model" / "config.json").is_file():
-        raise ValueError(
-            f"{run_dir}: no trained model (model/config.json missing; did the run finish?)"
-        )
-    task = build_task(cfg.task, seed=cfg.run.seed)
-    return cfg, task, _model_class(task).from_pretrained(run_dir / "model")
-
-
-def _model_class(task):
-    """The transformers class a saved model of `task` loads with (no pretrained weights read)."""
-    from transformers import AutoModelForSequenceClassification, GPT2LMHeadModel
-
-    return AutoModelForSequenceClassification if task.kind == "intent" else GPT2LMHeadModel
-
-
 def attack_run(run_dir: Path, attack: str, examples: int = 2000) -> tuple[Path, dict[str, Any]]:
     """One attack on an existing run; results in RUN_DIR/attacks/.
 
@@ -384,26 +305,22 @@ def attack_run(run_dir: Path, attack: str, examples: int = 2000) -> tuple[Path, 
     non-members = test rows (identical texts removed). `canary`: extraction and exposure of the
     canaries the run planted (`audit.plant_canaries = true`).
     """
-    from .attacks.metrics import plot_roc
-
-    if attack not in ("mia", "canary"):
-        raise ValueError(f"unknown attack {attack!r} (use mia or canary)")
+    if attack not in ATTACKS:
+        raise ConfigError(f"unknown attack {attack!r} (use mia or canary)")
     cfg, task, model = load_run_model(run_dir)
     out = run_dir / "attacks"
     out.mkdir(exist_ok=True)
     if attack == "canary":
         if task.kind != "intent":
-            raise ValueError(
+            raise ModelError(
                 f"{run_dir}: canary extraction needs an intent classifier, "
                 f"the run holds a {task.kind!r} model"
             )
         if not cfg.audit.plant_canaries:
-            raise ValueError(
+            raise RunFolderError(
                 f"{run_dir}: the run planted no canaries "
                 "(set audit.plant_canaries = true when training)"
             )
-        from transformers import AutoTokenizer
-
         canaries, _ = audit_canaries(cfg, task)
         results = _canary_attack(
             model,
@@ -440,16 +357,13 @@ def attack_run(run_dir: Path, attack: str, examples: int = 2000) -> tuple[Path, 
     return out, report
 
 
-def _members(run_dir: Path, cfg, task) -> list[dict[str, Any]]:
-    summary_file = run_dir / "summary.json"
-    mode = json.loads(summary_file.read_text()).get("mode") if summary_file.is_file() else None
-    if mode == "centralized":
+def _members(run_dir: Path, cfg: Config, task: Task) -> list[dict[str, Any]]:
+    """The training rows the run's model saw: all of them, or those of the devices that took
+    part (by metrics.jsonl)."""
+    if run_mode(run_dir) == "centralized":
         return list(task.train)
-    from fedtrust.server.federation import read_metrics
-    from fedtrust.simulations.population import cached_population
-
     population = cached_population(cfg)
     chosen = sorted({d for r in read_metrics(run_dir) for d in r.get("devices", [])})
     if not chosen:
-        raise ValueError(f"{run_dir}: metrics.jsonl names no device that took part")
+        raise RunFolderError(f"{run_dir}: metrics.jsonl names no device that took part")
     return [population.task.train[i] for d in chosen for i in population.parts[d]]

@@ -1,0 +1,78 @@
+"""What the server tells a device with every training message, as typed settings.
+
+The static settings (the same every round) travel as one Flower `ConfigRecord` of flat
+`section.key` fields; the server adds the round number and forwards the record without reading
+it (it never imports this module: clients and server only share Flower messages).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from flwr.app import ConfigRecord
+
+
+@dataclass
+class ClientSettings:
+    """Local training on a device (the `[client]` section of a run config)."""
+
+    epochs: int = 2
+    steps: int = 0  # > 0: a fixed number of local steps instead of epochs
+    batch_size: int = 32
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = 5e-4
+    head_lr_scale: float = 20.0  # the new classifier head learns this many times faster
+    weight_decay: float = 0.0
+    num_cpus: int = 2  # torch threads on the device (and Ray CPUs per simulated device)
+    num_gpus: float = 0.0  # Ray GPUs per simulated device
+
+
+@dataclass(frozen=True)
+class DeviceDP:
+    """Sample-level DP: the public settings every device applies to its own examples."""
+
+    max_grad_norm: float
+    participations: int  # participations the device budgets for
+    target_epsilon: float = 0.0  # > 0: noise calibrated to spend it over `participations`
+    target_delta: float = 0.0  # 0 = default_delta(the device's example count)
+    noise_multiplier: float = 0.0  # used as given when target_epsilon = 0
+    clipping: Literal["flat", "automatic"] = "flat"
+    accountant: Literal["pld", "rdp", "prv"] = "pld"
+    reproducible_noise: bool = False
+
+
+@dataclass(frozen=True)
+class TrainInstructions:
+    client: ClientSettings
+    seed: int
+    state_dir: str  # where devices keep their budgets unless the node config has `state-dir`
+    dp: DeviceDP | None = None
+    report_loss: bool = True  # False when the loss is not covered by a DP mechanism
+
+    def to_record(self) -> ConfigRecord:
+        fields: dict[str, Any] = {
+            "seed": self.seed,
+            "state-dir": self.state_dir,
+            "report-loss": self.report_loss,
+        }
+        fields |= {f"client.{k}": v for k, v in dataclasses.asdict(self.client).items()}
+        if self.dp is not None:
+            fields |= {f"dp.{k}": v for k, v in dataclasses.asdict(self.dp).items()}
+        return ConfigRecord(fields)
+
+    @classmethod
+    def from_record(cls, record: ConfigRecord) -> TrainInstructions:
+        dp = _section(record, "dp.")
+        return cls(
+            client=ClientSettings(**_section(record, "client.")),
+            seed=int(record["seed"]),
+            state_dir=str(record["state-dir"]),
+            dp=DeviceDP(**dp) if dp else None,
+            report_loss=bool(record["report-loss"]),
+        )
+
+
+def _section(record: ConfigRecord, prefix: str) -> dict[str, Any]:
+    return {k[len(prefix) :]: v for k, v in record.items() if k.startswith(prefix)}
