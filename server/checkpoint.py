@@ -22,6 +22,7 @@ class Checkpoint:
     arrays: dict[str, np.ndarray]  # the global model's trainable tensors
     strategy_state: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     device_privacy: dict[str, dict[str, Any]] = field(default_factory=dict)  # PrivacyLedger
+    metrics: dict[str, Any] = field(default_factory=dict)  # the round's metrics row
 
 
 def save_checkpoint(run_dir: Path, checkpoint: Checkpoint) -> None:
@@ -38,7 +39,11 @@ def save_checkpoint(run_dir: Path, checkpoint: Checkpoint) -> None:
     }
     if flat:
         save_file(flat, tmp / "strategy.safetensors")
-    meta = {"round": checkpoint.round, "privacy": checkpoint.device_privacy}
+    meta = {
+        "round": checkpoint.round,
+        "privacy": checkpoint.device_privacy,
+        "metrics": checkpoint.metrics,
+    }
     (tmp / "round.json").write_text(json.dumps(meta))
     old = run_dir / f".{FOLDER}.old"
     shutil.rmtree(old, ignore_errors=True)
@@ -64,4 +69,5 @@ def load_checkpoint(run_dir: Path) -> Checkpoint | None:
         arrays=load_file(folder / "model.safetensors"),
         strategy_state=state,
         device_privacy=meta.get("privacy", {}),
+        metrics=meta.get("metrics", {}),
     )

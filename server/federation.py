@@ -30,12 +30,13 @@ log = logging.getLogger(__name__)
 
 
 class RoundCallback(Protocol):
-    def on_start(self, first_round: int, initial: dict[str, Any] | None) -> None:
-        """Called once: the first round to run, and round 0's metrics (None when resuming)."""
+    def on_start(self, first_round: int, last: dict[str, Any]) -> None:
+        """Called once: the first round to run and the metrics row of the round before it
+        (round 0's, the initial model's, on a fresh run; the checkpoint's when resuming)."""
 
     def on_round(self, row: dict[str, Any]) -> None:
-        """Called after every round with its metrics, before its checkpoint is written (a run
-        that stops in between redoes the round when resumed: `on_start` says from where)."""
+        """Called after every round with its metrics, once its checkpoint (which keeps the row
+        too, so a stop right after the checkpoint loses nothing) is written."""
 
 
 @dataclass
@@ -69,15 +70,15 @@ def run_federation(
     if checkpoint is None:
         arrays = ArrayRecord({k: v.clone() for k, v in trainable_state(evaluator.model).items()})
         start = 1
-        initial: dict[str, Any] | None = {"round": 0, **evaluator(arrays), "seconds": 0.0}
+        last: dict[str, Any] = {"round": 0, **evaluator(arrays), "seconds": 0.0}
     else:
         arrays = ArrayRecord({k: Array(v) for k, v in checkpoint.arrays.items()})
         strategy.load_state(checkpoint.strategy_state)
         registry.ledger = PrivacyLedger.from_json(checkpoint.device_privacy)
-        start, initial = checkpoint.round + 1, None
+        start, last = checkpoint.round + 1, checkpoint.metrics
         log.info("resuming after round %d", checkpoint.round)
     for callback in callbacks:
-        callback.on_start(start, initial)
+        callback.on_start(start, last)
 
     for server_round in range(start, rounds + 1):
         began = time.perf_counter()
@@ -94,13 +95,13 @@ def run_federation(
             **strategy.privacy(server_round),
             "seconds": time.perf_counter() - began,
         }
-        for callback in callbacks:  # before the checkpoint: a resumed run redoes this round
-            callback.on_round(row)
         arrays_np = {k: v.numpy() for k, v in arrays.items()}
+        ledger = registry.ledger.to_json()
         save_checkpoint(
-            run_dir,
-            Checkpoint(server_round, arrays_np, strategy.state(), registry.ledger.to_json()),
+            run_dir, Checkpoint(server_round, arrays_np, strategy.state(), ledger, row)
         )
+        for callback in callbacks:
+            callback.on_round(row)
 
     return FederationResult(
         final=evaluator(arrays, full=True),

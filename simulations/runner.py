@@ -69,16 +69,24 @@ class MetricsLog:
     def __init__(self, run_dir: Path, extra: dict[str, Any] | None = None) -> None:
         self.path, self.extra = run_dir / METRICS_FILE, extra or {}
 
-    def on_start(self, first_round: int, initial: dict[str, Any] | None) -> None:
-        # a resumed run drops lines of rounds after its checkpoint (a crash may have left one)
-        kept = [r for r in read_metrics(self.path.parent) if r["round"] < first_round]
-        rows = kept if initial is None else [initial]
+    def on_start(self, first_round: int, last: dict[str, Any]) -> None:
+        # rounds before the checkpoint's, then the checkpoint's own row: a stop between the
+        # checkpoint and its metrics line, or after a later round's line, loses nothing
+        if first_round == 1:  # a fresh run: round 0, the initial model
+            rows = [last]
+        elif last:
+            before = [r for r in read_metrics(self.path.parent) if r["round"] < first_round - 1]
+            rows = [*before, self._with_extra(last)]
+        else:  # a checkpoint written before checkpoints kept their row
+            rows = [r for r in read_metrics(self.path.parent) if r["round"] < first_round]
         self.path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
     def on_round(self, row: dict[str, Any]) -> None:
-        row.update(self.extra)
         with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(json.dumps(self._with_extra(row)) + "\n")
+
+    def _with_extra(self, row: dict[str, Any]) -> dict[str, Any]:
+        return {**row, **self.extra}
 
 
 class RoundHookCallback:
@@ -87,7 +95,7 @@ class RoundHookCallback:
     def __init__(self, hook: RoundHook) -> None:
         self.hook = hook
 
-    def on_start(self, first_round: int, initial: dict[str, Any] | None) -> None:
+    def on_start(self, first_round: int, last: dict[str, Any]) -> None:
         pass
 
     def on_round(self, row: dict[str, Any]) -> None:
