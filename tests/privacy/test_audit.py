@@ -81,6 +81,7 @@ def test_audit_writes_one_report_with_every_level(tmp_path, tiny_bert, varied_js
     assert again["levels"][0]["test"] == no_dp["test"]
 
 
+@pytest.mark.slow  # Flower simulation engine + Ray
 def test_audit_of_federated_user_level_dp_with_canary_devices(tmp_path, tiny_bert, varied_jsonl):
     cfg = _audit_cfg(
         tmp_path,
