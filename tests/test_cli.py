@@ -6,12 +6,14 @@ import sys
 import pytest
 
 
-def _run(*args):
+def _run(*args, cwd=None):
+    """The CLI in a throw-away folder (a run that fails may leave its run folder behind)."""
     return subprocess.run(
         [sys.executable, "-m", "fedtrust.simulations.cli", *args],
         capture_output=True,
         text=True,
         timeout=120,
+        cwd=cwd,
     )
 
 
@@ -31,8 +33,8 @@ def _run(*args):
         ),
     ],
 )
-def test_bad_input_is_one_clear_line(args, message):
-    result = _run(*args)
+def test_bad_input_is_one_clear_line(args, message, tmp_path):
+    result = _run(*args, cwd=tmp_path)
     assert result.returncode == 2
     output = " ".join((result.stdout + result.stderr).split())
     assert message in output
@@ -42,6 +44,6 @@ def test_bad_input_is_one_clear_line(args, message):
 def test_bad_data_file_names_the_line(tmp_path):
     path = tmp_path / "broken.jsonl"
     path.write_text('{"text": "hi", "label": "a"}\n{oops}\n')
-    result = _run("simulate", "--set", f'task.dataset="{path}"')
+    result = _run("simulate", "--set", f'task.dataset="{path}"', cwd=tmp_path)
     assert result.returncode == 2
     assert "broken.jsonl:2: not valid JSON" in " ".join(result.stdout.split())
