@@ -19,26 +19,46 @@ MODULES = sorted(p for layer in LAYERS for p in (ROOT / layer).rglob("*.py"))
 MAX_LINES = 400
 
 
-def test_the_import_contract_holds(tmp_path):
-    """import-linter (pyproject.toml): simulations > clients | server > fairness >
-    privacy | tasks > errors, and no Flower or Ray in the libraries.
-
-    import-linter reads the package from one folder; the editable install maps each layer
-    folder separately, so the check runs on a copy laid out as the installed package."""
+def _lint_copy(tmp_path: Path, plant: tuple[str, str] | None = None) -> subprocess.CompletedProcess:
+    """import-linter (pyproject.toml) on a copy laid out as the installed package: the editable
+    install maps each layer folder separately, which import-linter cannot follow. `plant`:
+    (module file, line) appended to the copy first."""
     for layer in LAYERS:
         target = tmp_path / "fedtrust" if layer == "fedtrust" else tmp_path / "fedtrust" / layer
         shutil.copytree(ROOT / layer, target, dirs_exist_ok=True, ignore=_not_python)
+    if plant is not None:
+        with (tmp_path / "fedtrust" / plant[0]).open("a") as f:
+            f.write(plant[1] + "\n")
     lint = shutil.which("lint-imports") or str(Path(sys.executable).parent / "lint-imports")
-    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
-    result = subprocess.run(
+    return subprocess.run(
         [lint, str(ROOT / "pyproject.toml"), "--no-cache"],
         cwd=tmp_path,
-        env=env,
+        env={**os.environ, "PYTHONPATH": str(tmp_path)},
         capture_output=True,
         text=True,
         timeout=300,
     )
+
+
+def test_the_import_contract_holds(tmp_path):
+    """simulations > clients | server > fairness > privacy | tasks > errors; no Flower or Ray
+    in the libraries."""
+    result = _lint_copy(tmp_path)
     assert result.returncode == 0, result.stdout[-3000:]
+
+
+@pytest.mark.parametrize(
+    "plant",
+    [
+        ("clients/train.py", "import fedtrust.server.app"),  # sideways between the apps
+        ("privacy/noise.py", "import fedtrust.simulations.config"),  # a library looking up
+        ("tasks/spec.py", "import flwr"),  # the federation stack inside a library
+    ],
+    ids=["clients->server", "privacy->simulations", "tasks->flwr"],
+)
+def test_the_contract_fails_a_wrong_way_import(tmp_path, plant):
+    result = _lint_copy(tmp_path, plant)
+    assert result.returncode != 0 and "BROKEN" in result.stdout, result.stdout[-2000:]
 
 
 def _not_python(folder: str, names: list[str]) -> list[str]:
