@@ -24,7 +24,7 @@ from fedtrust.errors import FederationError
 from fedtrust.privacy.noise import REPRODUCIBLE_NOISE_WARNING
 from fedtrust.server.app import Federation, make_server_app
 from fedtrust.server.evaluation import CentralEvaluator
-from fedtrust.server.federation import FederationResult
+from fedtrust.server.federation import FederationResult, RoundCallback
 from fedtrust.server.registry import DeviceRegistry
 from fedtrust.tasks.models import quiet_transformers
 
@@ -109,7 +109,7 @@ def build_federation(
     registry = DeviceRegistry(metadata=population.counts)
     warning = {"noise": REPRODUCIBLE_NOISE_WARNING}
     extra = warning if cfg.privacy.enabled and cfg.privacy.reproducible_noise else {}
-    callbacks: list = [MetricsLog(run_dir, extra)]
+    callbacks: list[RoundCallback] = [MetricsLog(run_dir, extra)]
     if on_round is not None:
         callbacks.append(RoundHookCallback(on_round))
     s = cfg.server

@@ -116,13 +116,7 @@ def test_the_dp_engine_works_without_the_extras_installed():
 
 
 def test_importing_fedtrust_leaves_the_matplotlib_backend_alone():
-    names = [
-        ".".join(("fedtrust", *p.relative_to(ROOT).with_suffix("").parts)).replace(
-            "fedtrust.fedtrust", "fedtrust"
-        )
-        for p in MODULES
-    ]
-    names = [n.removesuffix(".__init__") for n in names]
+    names = [_dotted(p.with_suffix("")).removesuffix(".__init__") for p in MODULES]
     _run(
         "import importlib, matplotlib\n"
         "matplotlib.use('svg')\n"
@@ -137,11 +131,12 @@ def test_every_subpackage_is_packaged():
     with mock.patch.object(setuptools, "setup") as setup:
         exec(compile((ROOT / "setup.py").read_text(), "setup.py", "exec"), {"__name__": "x"})
     packages = set(setup.call_args.kwargs["packages"])
-    on_disk = {
-        ".".join(("fedtrust", *init.parent.relative_to(ROOT).parts)).replace(
-            "fedtrust.fedtrust", "fedtrust"
-        )
-        for layer in LAYERS
-        for init in (ROOT / layer).rglob("__init__.py")
-    }
+    inits = [init for layer in LAYERS for init in (ROOT / layer).rglob("__init__.py")]
+    on_disk = {_dotted(init.parent) for init in inits}
     assert packages == on_disk
+
+
+def _dotted(path: Path) -> str:
+    """The installed name of a repository path: server/app -> fedtrust.server.app."""
+    parts = path.relative_to(ROOT).parts
+    return ".".join(parts if parts[0] == "fedtrust" else ("fedtrust", *parts))

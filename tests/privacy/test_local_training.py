@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+from privacy_helpers import tiny_char_lm_task
 
 from fedtrust.clients.settings import ClientSettings
 from fedtrust.clients.train import LocalDP, train_local
@@ -13,10 +14,7 @@ from fedtrust.tasks.lm import CharLMTask
 
 
 def _task_and_rows(n: int = 48) -> tuple[CharLMTask, list[dict]]:
-    task = CharLMTask(
-        kind="lm", train=[], test=[], pad_id=0, primary_metric="accuracy",
-        vocab="abcdefghij", context=16, layers=1, width=16, heads=2,
-    )  # fmt: skip
+    task = tiny_char_lm_task()
     rng = np.random.default_rng(0)
     rows = [{"input_ids": rng.integers(1, 11, size=12).tolist()} for _ in range(n)]
     return task, rows
