@@ -21,8 +21,8 @@ from fedtrust.privacy.accounting import resolve_delta
 from fedtrust.tasks import Task, load_trainable_state, trainable_state
 
 from .budget import STATE_DIR, BudgetStore, DeviceBudget
-from .settings import DeviceDP, TrainInstructions
-from .train import LocalDP, train_local
+from .settings import DeviceDP, FinetuneRequest, TrainInstructions
+from .train import EWCPenalty, LocalDP, fisher_diagonal, global_model_loss, train_local
 
 
 class DeviceData(Protocol):
@@ -79,9 +79,16 @@ def _device(data: Callable[[Context], DeviceData], context: Context) -> tuple[De
 
 
 def train_device(source: DeviceData, device: int, msg: Message, context: Context) -> Message:
-    """One round of local training; the reply carries the new weights and public facts."""
+    """One round of local training; the reply carries the new weights and public facts.
+
+    Without DP a device may also be asked for the received global model's mean loss on its
+    rows (metric "global_loss", measured before training), its Fisher diagonal there
+    (ArrayRecord "fisher" next to "arrays") and to train under an EWC anchor (config
+    "ewc-lambda" with the averaged Fisher as the message's ArrayRecord "fisher").
+    """
     record = msg.content["config"]
     settings = TrainInstructions.from_record(record)
+    request = FinetuneRequest.from_record(record, settings.dp)
     server_round = int(record["server-round"])
     torch.set_num_threads(max(1, settings.client.num_cpus))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -91,8 +98,20 @@ def train_device(source: DeviceData, device: int, msg: Message, context: Context
     seed = hash((settings.seed, server_round, device)) % 2**31
     info: dict[str, Any] = {"device": device, "available": len(rows)}  # public metadata
     metrics: dict[str, Any] = {}
+    extra: dict[str, ArrayRecord] = {}
     if settings.dp is None:
-        result = train_local(model, source.task, rows, settings.client, seed)
+        batch_size = settings.client.batch_size
+        if settings.global_loss:
+            metrics["global_loss"] = global_model_loss(model, source.task, rows, batch_size)
+        if request.fisher:
+            fisher = fisher_diagonal(model, source.task, rows, batch_size)
+            extra["fisher"] = ArrayRecord({k: v.clone() for k, v in fisher.items()})
+        penalty = None
+        if request.ewc_lambda is not None:
+            anchor = {k: v.clone() for k, v in trainable_state(model).items()}
+            fisher = msg.content["fisher"].to_torch_state_dict()
+            penalty = EWCPenalty(fisher, anchor, request.ewc_lambda)
+        result = train_local(model, source.task, rows, settings.client, seed, penalty=penalty)
         metrics["num-examples"] = len(rows)
         if settings.report_loss:
             metrics["train_loss"] = result.train_loss
@@ -120,6 +139,7 @@ def train_device(source: DeviceData, device: int, msg: Message, context: Context
     reply = RecordDict(
         {
             "arrays": ArrayRecord({k: v.clone() for k, v in trainable_state(model).items()}),
+            **extra,
             "metrics": MetricRecord(metrics),
             "device": ConfigRecord(info),
         }

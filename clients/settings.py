@@ -3,6 +3,10 @@
 The static settings (the same every round) travel as one Flower `ConfigRecord` of flat
 `section.key` fields; the server adds the round number and forwards the record without reading
 it (it never imports this module: clients and server only share Flower messages).
+
+Per-round requests the server's strategy adds to the same record (`FinetuneRequest`): "fisher"
+(True: also return the Fisher diagonal of the received model as ArrayRecord "fisher") and
+"ewc-lambda" (the EWC penalty's strength; the message then carries ArrayRecord "fisher").
 """
 
 from __future__ import annotations
@@ -50,12 +54,21 @@ class TrainInstructions:
     state_dir: str  # where devices keep their budgets unless the node config has `state-dir`
     dp: DeviceDP | None = None
     report_loss: bool = True  # False when the loss is not covered by a DP mechanism
+    # True: before training, report the received global model's mean loss on the device's rows
+    # (metric "global_loss": what q-FFL, reweighting and cohort fine-tuning read); never under
+    # DP, where no mechanism covers it
+    global_loss: bool = False
+
+    def __post_init__(self) -> None:
+        if self.global_loss and self.dp is not None:
+            raise ValueError("global_loss is not covered by DP: a device under DP cannot report it")
 
     def to_record(self) -> ConfigRecord:
         fields: dict[str, Any] = {
             "seed": self.seed,
             "state-dir": self.state_dir,
             "report-loss": self.report_loss,
+            "global-loss": self.global_loss,
         }
         fields |= {f"client.{k}": v for k, v in dataclasses.asdict(self.client).items()}
         if self.dp is not None:
@@ -71,8 +84,25 @@ class TrainInstructions:
             state_dir=str(record["state-dir"]),
             dp=DeviceDP(**dp) if dp else None,
             report_loss=bool(record["report-loss"]),
+            global_loss=bool(record.get("global-loss", False)),
         )
 
 
 def _section(record: ConfigRecord, prefix: str) -> dict[str, Any]:
     return {k[len(prefix) :]: v for k, v in record.items() if k.startswith(prefix)}
+
+
+@dataclass(frozen=True)
+class FinetuneRequest:
+    """What this round's message asks of cohort fine-tuning (`fedtrust.server.finetune`)."""
+
+    fisher: bool = False  # return the Fisher diagonal at the received global model
+    ewc_lambda: float | None = None  # add the EWC penalty (the message carries the Fisher)
+
+    @classmethod
+    def from_record(cls, record: ConfigRecord, dp: DeviceDP | None) -> FinetuneRequest:
+        ewc = record.get("ewc-lambda")
+        request = cls(bool(record.get("fisher", False)), None if ewc is None else float(ewc))
+        if dp is not None and (request.fisher or request.ewc_lambda is not None):
+            raise ValueError("the Fisher diagonal and EWC are not covered by DP: not under DP")
+        return request

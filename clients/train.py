@@ -1,8 +1,14 @@
-"""Local training on one device: a short, plain PyTorch loop, optionally with eDP-SGD."""
+"""Local training on one device: a short, plain PyTorch loop, optionally with eDP-SGD.
+
+Also what loss-aware fairness mitigations ask of a device (never under DP): the received global
+model's loss on its rows (`global_model_loss`), its diagonal empirical Fisher
+(`fisher_diagonal`) and the EWC penalty that anchors fine-tuning to it (`EWCPenalty`).
+"""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -72,13 +78,18 @@ def train_local(
     settings: ClientSettings,
     seed: int,
     dp: LocalDP | None = None,
+    penalty: Callable[[nn.Module], torch.Tensor] | None = None,
 ) -> LocalResult:
     """`settings.epochs` passes over `rows` (or exactly `settings.steps` steps).
 
     With `dp`, batches are Poisson-sampled and every step is clipped and noised by fedtrust's
     eDP-SGD engine; each sample's loss is its own (a per-row mean over its own tokens, summed
     over rows), so adding or removing a row never rescales the others' gradients.
+    `penalty(model)` is added to every step's loss (not under DP: it would not be clipped); the
+    reported train loss is the data loss.
     """
+    if dp is not None and penalty is not None:
+        raise ValueError("a loss penalty is not clipped per sample: not under DP")
     torch.manual_seed(seed)
     optimizer = make_optimizer(
         model,
@@ -93,9 +104,68 @@ def train_local(
         rng = np.random.default_rng(seed)
         epochs = settings.epochs if settings.steps == 0 else 10**9
         batches = (b for _ in range(epochs) for b in task.batches(rows, settings.batch_size, rng))
-        done = train_steps(optimizer, batches, lambda b: model(**b).loss, max_steps=settings.steps)
+        done = train_steps(
+            optimizer,
+            batches,
+            lambda b: model(**b).loss,
+            max_steps=settings.steps,
+            penalty=None if penalty is None else lambda: penalty(model),
+        )
         return LocalResult(train_loss=done.mean_loss, steps=done.steps)
     return _train_private(model, optimizer, task, rows, settings, seed, dp)
+
+
+@torch.no_grad()
+def global_model_loss(
+    model: nn.Module, task: Task, rows: list[dict[str, Any]], batch_size: int
+) -> float:
+    """The model's mean per-row loss over `rows` (`task.sample_losses`, every row once, in eval
+    mode: no dropout), NaN without rows."""
+    model.eval()
+    total = sum(float(task.sample_losses(model, b).sum()) for b in task.batches(rows, batch_size))
+    return total / len(rows) if rows else float("nan")
+
+
+def fisher_diagonal(
+    model: nn.Module, task: Task, rows: list[dict[str, Any]], batch_size: int
+) -> dict[str, torch.Tensor]:
+    """The diagonal empirical Fisher of the trainable parameters at the model as it is.
+
+    F_j = mean over the mini-batches b (length-sorted, `batch_size` rows, in eval mode) of
+    (d mean_{i in b} loss_i / d theta_j)^2, with loss_i = `task.sample_losses`. The exact
+    empirical Fisher is the mean over rows of each row's squared gradient; squaring batch-mean
+    gradients is the cheap approximation FedCurv-style methods use: it keeps the squared mean
+    gradient and divides the rows' gradient variance by the batch size, so it is smaller the
+    larger the batches (batch_size = 1 gives the exact empirical Fisher). Leaves no gradients.
+    """
+    model.eval()
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    fisher = {n: torch.zeros_like(p) for n, p in params.items()}
+    batches = 0
+    for batch in task.batches(rows, batch_size):
+        loss = task.sample_losses(model, batch).mean()
+        grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+        for name, grad in zip(params, grads):
+            if grad is not None:
+                fisher[name] += grad.detach() ** 2
+        batches += 1
+    return {n: f / max(batches, 1) for n, f in fisher.items()}
+
+
+@dataclass
+class EWCPenalty:
+    """ewc_lambda / 2 * sum_j F_j (theta_j - anchor_j)^2 over the parameters `fisher` names:
+    moving a parameter the population's fit depends on (high F_j) away from the global model
+    `anchor` costs more."""
+
+    fisher: dict[str, torch.Tensor]
+    anchor: dict[str, torch.Tensor]
+    ewc_lambda: float
+
+    def __call__(self, model: nn.Module) -> torch.Tensor:
+        params = dict(model.named_parameters())
+        total = sum((f * (params[n] - self.anchor[n]) ** 2).sum() for n, f in self.fisher.items())
+        return self.ewc_lambda / 2 * total
 
 
 def sample_rate(num_rows: int, batch_size: int) -> float:

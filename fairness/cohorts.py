@@ -11,12 +11,18 @@ Devices are grouped into cohorts by activity (quantiles of the examples they hol
 own device attribute (`task.cohort_column`, the most common value on the device). Each cohort
 reports its mean device accuracy (every device counts once), how often its devices were selected,
 and the share never selected; the worst-cohort gap is the spread of cohort accuracies.
+
+Beyond these fixed groupings the report *discovers* the cohorts the model fails
+(`fedtrust.fairness.discovery`): attribute splits over what is known of every device (activity,
+mean example length, label mix, the cohort column) and k-means clusters of the model's sentence
+embeddings of held-out examples, each with bootstrap confidence intervals.
 The report files (cohorts.json/.md/.png) are written by `fedtrust.simulations.fairness_report`.
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -24,6 +30,8 @@ from torch import nn
 
 from fedtrust.errors import FairnessError
 from fedtrust.tasks.base import Task
+
+from .discovery import attribute_cohorts, bottom_share, embedding_clusters
 
 MIN_DEVICE_SHARE = 0.5  # intent: below this share of devices with test rows, use the label mix
 
@@ -123,14 +131,27 @@ def cohort_table(
     }
 
 
+@dataclass(frozen=True)
+class Discovery:
+    """How cohorts are discovered (see `fedtrust.fairness.discovery`)."""
+
+    min_devices: int = 10
+    clusters: int = 8  # 0 = no embedding clusters
+    embed_examples: int = 2000
+    resamples: int = 1000
+    seed: int = 0
+
+
 def cohort_report(
     task: Task,
     model: nn.Module,
     population: DevicePopulation,
     metrics: list[dict[str, Any]],
     quantiles: int = 4,
+    discovery: Discovery | None = None,
 ) -> dict[str, Any]:
-    """Cohort tables by activity and by the data's device attribute, for one run."""
+    """Cohort tables by activity and by the data's device attribute, for one run; with
+    `discovery`, also the worst discovered cohorts and embedding clusters."""
     accuracy, source = device_accuracy(task, model, population.parts, population.names)
     history = [r for r in metrics if r.get("round", 0) > 0]
     selections = np.zeros(population.size)
@@ -153,7 +174,82 @@ def cohort_report(
         report["by"]["attribute"] = cohort_table(accuracy, groups, values, selections, len(history))
     gaps = {by: t["gap"] for by, t in report["by"].items() if t["gap"] is not None}
     report["worst_gap"] = max(gaps.values()) if gaps else None
+    if discovery is not None:
+        attributes = device_attributes(task, population.parts)
+        found = attribute_cohorts(
+            accuracy,
+            attributes,
+            sizes.astype(float),
+            min_devices=discovery.min_devices,
+            resamples=discovery.resamples,
+            seed=discovery.seed,
+        )
+        report["discovered"] = {
+            "attributes": sorted(attributes),
+            "cohorts": [c.to_dict() for c in found],
+            "bottom_share": bottom_share(found),
+        }
+        if discovery.clusters > 0:
+            report["clusters"] = [c.to_dict() for c in held_out_clusters(task, model, discovery)]
     return report
+
+
+def device_attributes(task: Task, parts: list[np.ndarray]) -> dict[str, np.ndarray]:
+    """What is known of every device to split on: activity, mean example length, the label mix
+    (intent: the share of its most common intent, its entropy, that intent) and the data's
+    cohort column."""
+    out = {
+        "activity": np.asarray([len(p) for p in parts], float),
+        "mean length": np.asarray(
+            [
+                np.mean([len(task.train[i]["input_ids"]) for i in p]) if len(p) else np.nan
+                for p in parts
+            ]
+        ),
+    }
+    if task.kind == "intent":
+        top, share, entropy = [], [], []
+        for part in parts:
+            counts = Counter(task.train[i]["labels"] for i in part)
+            label, most = counts.most_common(1)[0] if counts else (-1, 0)
+            p = np.asarray(list(counts.values()), float) / max(len(part), 1)
+            top.append(_label_name(task, label))
+            share.append(most / max(len(part), 1))
+            entropy.append(float(-(p * np.log2(p)).sum()) if len(p) else np.nan)
+        out |= {
+            "top intent": np.asarray(top, object),
+            "top intent share": np.asarray(share),
+            "label entropy": np.asarray(entropy),
+        }
+    attribute = _device_attribute(task, parts)
+    if attribute is not None:
+        out["cohort"] = np.asarray(attribute, object)
+    return out
+
+
+def held_out_clusters(task: Task, model: nn.Module, discovery: Discovery) -> list:
+    """k-means clusters of the model's embeddings of (up to `embed_examples`) test rows, worst
+    first: computed by the server on its own held-out data, nothing leaves a device."""
+    rng = np.random.default_rng(discovery.seed)
+    take = min(discovery.embed_examples, len(task.test))
+    rows = [task.test[i] for i in np.sort(rng.choice(len(task.test), take, replace=False))]
+    if len(rows) < 2:
+        return []
+    hits, units = task.example_hits(model, rows)
+    correct = hits / np.maximum(units, 1)
+    return embedding_clusters(
+        task.embed(model, rows),
+        correct,
+        [task.decode(r) for r in rows],
+        clusters=discovery.clusters,
+        seed=discovery.seed,
+        resamples=discovery.resamples,
+    )
+
+
+def _label_name(task: Task, label: int) -> str:
+    names = getattr(task, "labels", ())
+    return str(names[label]) if 0 <= label < len(names) else str(label)
 
 
 def _device_attribute(task: Task, parts: list[np.ndarray]) -> list[str] | None:

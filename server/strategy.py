@@ -1,8 +1,13 @@
 """Flower strategies with fedtrust's device selection and aggregation weights.
 
-`DeviceSampling` is a mixin over Flower's own strategies (FedAvg, FedAdam): it only replaces
-*which* nodes get a training message and *how much* each reply weighs; averaging, server
-optimisers and message handling stay Flower's.
+`DeviceSampling` is a mixin over Flower's own strategies (FedAvg, FedAdam, QFedAvg): it only
+replaces *which* nodes get a training message and *how much* each reply weighs; averaging,
+server optimisers and message handling stay Flower's.
+
+Loss-aware fairness mitigations read each device's loss at the global model (its
+"global_loss" metric, which devices send when told to): q-FFL (`SampledQFedAvg`), adversarial
+reweighting of the replies (`fedtrust.server.reweighting`) and a cohort fine-tuning phase under
+an EWC anchor (`fedtrust.server.finetune`). None of them runs under user-level DP.
 
 Under user-level DP (a `DPFedAvg` passed as `user_dp`) the mixin samples devices by Poisson
 sampling and turns the replies into one clipped, noised mean update (`fedtrust.server.user_dp`)
@@ -20,15 +25,18 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAdam, FedAvg
+from flwr.serverapp.strategy import FedAdam, FedAvg, QFedAvg
 
 from fedtrust.errors import FederationError
 
+from .finetune import FISHER_KEY, CohortFinetune, Upweighted, average_fisher, take_fisher
 from .registry import DeviceRegistry
+from .reweighting import AdversarialReweighting
 from .selection import Selection, aggregation_weights
 from .user_dp import DPFedAvg
 
 WEIGHT_KEY = "agg-weight"
+LOSS_KEY = "global_loss"  # a device's mean loss at the round's global model, before training
 
 
 class ChosenNodes:
@@ -64,6 +72,13 @@ class DeviceSampling:
     `devices_per_round`: who trains; `weighting`: how much each reply weighs
     (`fedtrust.server.selection.aggregation_weights`); `user_dp`: user-level DP-FedAvg, which
     replaces selection by Poisson sampling and the replies by one clipped, noised mean.
+    `total_rounds`: the run's length, for the selection's schedule (`Selection.at_round`) and
+    fine-tuning (0: unknown; the selection is then used as it is). `reweighting`: the replies'
+    weights times an adversary's bounded multipliers from their "global_loss". `finetune`: the
+    last rounds up-weight the worst cohort under an EWC anchor.
+
+    The strategy remembers every device's last reported "global_loss" (`state()` keeps it, the
+    cohort and the averaged Fisher, so a resumed run continues exactly).
     """
 
     def __init__(
@@ -75,8 +90,20 @@ class DeviceSampling:
         weighting: str = "examples",
         seed: int = 0,
         user_dp: DPFedAvg | None = None,
+        reweighting: AdversarialReweighting | None = None,
+        finetune: CohortFinetune | None = None,
+        total_rounds: int = 0,
         **flower_kwargs: Any,
     ) -> None:
+        if reweighting is not None and (user_dp is not None or weighting == "unbiased"):
+            raise ValueError(
+                "adversarial reweighting needs the devices' losses and normalised weights: "
+                "not with user-level DP nor with weighting 'unbiased'"
+            )
+        if finetune is not None:
+            if user_dp is not None:
+                raise ValueError("cohort fine-tuning reads devices' losses: not with user-level DP")
+            finetune.check(total_rounds)
         common = dict(
             fraction_train=1.0,  # fedtrust chooses the nodes; Flower trains all it is shown
             fraction_evaluate=0.0,  # evaluation is central, on the server's held-out split
@@ -89,7 +116,11 @@ class DeviceSampling:
         self.devices_per_round, self.seed = devices_per_round, seed
         self.weighting = "equal" if user_dp is not None else weighting
         self.user_dp = user_dp
+        self.reweighting, self.finetune, self.total_rounds = reweighting, finetune, total_rounds
         self.last_selection: dict[str, list | int] = {}
+        self._losses: dict[int, float] = {}  # device -> its last reported global_loss
+        self._cohort: np.ndarray | None = None  # the fine-tuning phase's cohort, once named
+        self._fisher: dict[str, np.ndarray] | None = None  # the averaged Fisher diagonal
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -97,8 +128,13 @@ class DeviceSampling:
         if self.user_dp is not None:
             return self._configure_private(server_round, arrays, config, grid)
         counts = self.registry.counts(server_round)
+        selection = self._selection_at(server_round)
+        if phase := self._in_phase(server_round):
+            if self._cohort is None:
+                self._cohort = self.finetune.cohort(counts, self.device_losses())
+            selection = Upweighted(selection, self._cohort, self.finetune.upweight)
         rng = np.random.default_rng([self.seed, server_round])
-        chosen, inclusion = self.selection.select(counts, self.devices_per_round, rng)
+        chosen, inclusion = selection.select(counts, self.devices_per_round, rng)
         weights = aggregation_weights(self.weighting, counts, chosen, inclusion)
         self._weight_of = {int(d): float(w) for d, w in zip(chosen, weights)}
         self._global = arrays
@@ -107,8 +143,23 @@ class DeviceSampling:
             "available": [int(counts[d]) for d in chosen],
             "inclusion": [float(inclusion[d]) for d in chosen],
         }
+        if phase:
+            self.last_selection |= {
+                "cohort_chosen": int(self._cohort[chosen].sum()),
+                "cohort_size": int(self._cohort.sum()),
+            }
+        fisher = None
+        if self.finetune is not None:
+            fields, fisher = self.finetune.fields(server_round, self.total_rounds, self._fisher)
+            config.update(fields)
         nodes = [self.registry.node_of_device[int(d)] for d in chosen]
-        return super().configure_train(server_round, arrays, config, ChosenNodes(grid, nodes))
+        messages = list(
+            super().configure_train(server_round, arrays, config, ChosenNodes(grid, nodes))
+        )
+        if fisher is not None:
+            for msg in messages:
+                msg.content[FISHER_KEY] = fisher
+        return messages
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -122,9 +173,14 @@ class DeviceSampling:
             _raise_all_failed(server_round, replies)
         # A fixed order makes the floating-point sum, and so a resumed run, reproducible.
         ok.sort(key=lambda m: int(m.content["device"]["device"]))
+        self._keep_fisher(server_round, ok)  # Flower's strategies expect one ArrayRecord
         for msg in ok:
             device = int(msg.content["device"]["device"])
             msg.content["metrics"][WEIGHT_KEY] = self._weight_of[device]
+            if LOSS_KEY in msg.content["metrics"]:
+                self._losses[device] = float(msg.content["metrics"][LOSS_KEY])
+        if self.reweighting is not None:
+            self._reweight(ok)
         arrays, metrics = super().aggregate_train(server_round, ok)
         if arrays is not None and self.weighting == "unbiased":
             arrays = self._horvitz_thompson(
@@ -132,12 +188,52 @@ class DeviceSampling:
             )
         return arrays, metrics
 
+    def device_losses(self) -> np.ndarray:
+        """Each device's last reported loss at the global model (NaN: never reported)."""
+        losses = np.full(self.registry.size, np.nan)
+        for device, loss in self._losses.items():
+            losses[device] = loss
+        return losses
+
+    def _in_phase(self, server_round: int) -> bool:
+        return self.finetune is not None and self.finetune.in_phase(server_round, self.total_rounds)
+
+    def _selection_at(self, server_round: int) -> Selection:
+        if not self.total_rounds:
+            return self.selection
+        return self.selection.at_round(server_round, self.total_rounds)
+
+    def _keep_fisher(self, server_round: int, ok: list[Message]) -> None:
+        """Strip the replies' Fisher records; in the Fisher round, keep their weighted mean."""
+        fishers = take_fisher([m.content for m in ok])
+        if self.finetune is None or server_round != self.finetune.fisher_round(self.total_rounds):
+            return
+        if len(fishers) != len(ok):
+            raise FederationError(
+                f"round {server_round}: {len(ok) - len(fishers)} replies lack the Fisher diagonal"
+            )
+        self._fisher = average_fisher(fishers)
+
+    def _reweight(self, ok: list[Message]) -> None:
+        """The adversary's multipliers from the replies' losses, on their aggregation weights."""
+        missing = [m for m in ok if LOSS_KEY not in m.content["metrics"]]
+        if missing:
+            raise FederationError(
+                f"adversarial reweighting needs every reply's '{LOSS_KEY}' metric: tell devices "
+                "to report it (TrainInstructions.global_loss)"
+            )
+        losses = np.array([float(m.content["metrics"][LOSS_KEY]) for m in ok])
+        base = np.array([float(m.content["metrics"][WEIGHT_KEY]) for m in ok])
+        for msg, weight in zip(ok, self.reweighting.weights(base, losses)):
+            msg.content["metrics"][WEIGHT_KEY] = float(weight)
+        self.last_selection["adversary"] = [float(x) for x in self.reweighting.multipliers(losses)]
+
     def _configure_private(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """User-level DP: a Poisson sample; only its size goes into the run's metrics."""
         counts = self.registry.counts(server_round)
-        sampled = self.user_dp.sample(self.selection, counts, server_round)
+        sampled = self.user_dp.sample(self._selection_at(server_round), counts, server_round)
         self._sampled = {int(d) for d in sampled}
         self._global = arrays
         self.last_selection = {"devices_sampled": len(sampled)}
@@ -189,12 +285,32 @@ class DeviceSampling:
         """A round without training messages: keep what the server optimizer needs."""
 
     def state(self) -> dict[str, dict[str, np.ndarray]]:
-        """What a checkpoint must keep of the strategy (server-optimizer state, DP state)."""
-        return self.user_dp.state() if self.user_dp is not None else {}
+        """What a checkpoint must keep of the strategy (server-optimizer state, DP state, the
+        devices' last losses, the fine-tuning cohort and Fisher diagonal)."""
+        state = self.user_dp.state() if self.user_dp is not None else {}
+        fairness: dict[str, np.ndarray] = {}
+        if self._losses:
+            devices = sorted(self._losses)
+            fairness["devices"] = np.array(devices, dtype=np.int64)
+            fairness[LOSS_KEY] = np.array([self._losses[d] for d in devices], dtype=np.float64)
+        if self._cohort is not None:
+            fairness["cohort"] = self._cohort.copy()
+        if fairness:
+            state["fairness"] = fairness
+        if self._fisher is not None:
+            state[FISHER_KEY] = dict(self._fisher)
+        return state
 
     def load_state(self, state: dict[str, dict[str, np.ndarray]]) -> None:
         if self.user_dp is not None:
             self.user_dp.load_state(state)
+        fairness = state.get("fairness", {})
+        devices, losses = fairness.get("devices", []), fairness.get(LOSS_KEY, [])
+        self._losses = {int(d): float(x) for d, x in zip(devices, losses)}
+        cohort = fairness.get("cohort")
+        self._cohort = None if cohort is None else np.asarray(cohort, dtype=bool)
+        fisher = state.get(FISHER_KEY)
+        self._fisher = None if fisher is None else dict(fisher)
 
     def privacy(self, server_round: int) -> dict[str, Any]:
         """ε so far with its δ, neighbouring relation and accountant ({} without DP):
@@ -225,6 +341,41 @@ class SampledFedAdam(DeviceSampling, FedAdam):
     def load_state(self, state: dict[str, dict[str, np.ndarray]]) -> None:
         super().load_state(state)
         self.m_t, self.v_t = state.get("m_t"), state.get("v_t")
+
+
+class SampledQFedAvg(DeviceSampling, QFedAvg):
+    """Flower's q-FedAvg (q-FFL, Li et al. 2020) with fedtrust's selection.
+
+    q-FFL minimises sum_k p_k F_k^(q+1) / (q+1): the larger q, the more a device's update counts
+    when its loss F_k is high (q = 0 is FedAvg with equal weights). F_k must be the loss at the
+    current global model, which is what devices report as "global_loss" when told to
+    (`train_loss_key`); the Lipschitz estimate is L = 1 / client_learning_rate. Flower's q-FedAvg
+    weighs each reply by F_k^q and normalises by sum_k h_k: fedtrust's aggregation weights are
+    not used, so neither reweighting nor the unbiased weighting applies. L = 1/lr assumes SGD
+    local steps (w - w_k = lr * summed gradients); after AdamW steps ||w - w_k||^2 grows with the
+    parameter count and h_k's norm term shrinks the server step to almost nothing, so give AdamW
+    devices a larger `client_learning_rate` here (the run config's `server.qffl_lr`; the
+    fairness sweep uses 1.0).
+    """
+
+    def __init__(
+        self,
+        *,
+        client_learning_rate: float,
+        q: float = 0.1,
+        train_loss_key: str = LOSS_KEY,
+        **kwargs: Any,
+    ) -> None:
+        if kwargs.get("user_dp") is not None:
+            raise ValueError("q-FedAvg reads every device's loss: not with user-level DP")
+        if kwargs.get("reweighting") is not None or kwargs.get("weighting") == "unbiased":
+            raise ValueError("q-FedAvg ignores aggregation weights: no reweighting, no 'unbiased'")
+        super().__init__(
+            client_learning_rate=client_learning_rate,
+            q=q,
+            train_loss_key=train_loss_key,
+            **kwargs,
+        )
 
 
 def _raise_all_failed(server_round: int, replies: list[Message]) -> None:

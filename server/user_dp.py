@@ -4,8 +4,10 @@ One round, with C the clipping norm, σ the noise multiplier and k = selection.d
 
 1. sample devices by Poisson sampling: device i independently with probability p_i
    (uniform selection: p_i = k/N for every registered device; activity selection:
-   p_i = min(q_max, (k/N)·w_i / w_ref), with w_ref the weight of the public reference count
-   privacy.activity_reference, recomputed every round from the device's own current data);
+   p_i = min(q_max, max(f·k/N, (k/N)·w_i / w_ref)) for a device with data, 0 without, with
+   w_ref the weight of the public reference count privacy.activity_reference and f the
+   selection's fairness floor (0 = none), recomputed every round from the device's own
+   current data);
 2. clip each reply's update Δ_i = reply_i − global to L2 norm C;
 3. release  mean = (Σ_i clip(Δ_i) + N(0, σ²C²·I)) / k.
 
@@ -25,6 +27,11 @@ Activity selection: a device's probability is a function of its own data and pub
 only (never normalised over the population), so adding or removing one device leaves the
 others' probabilities unchanged, and the cap bounds its own. The population size N in k/N is
 the checked-in population at the start of the run, treated as public.
+
+Fairness floor and annealing: the floor lifts light devices to f·k/N, a public constant, so a
+device's probability still depends on its own data only, and f·k/N <= k/N <= q_max, so the cap,
+hence the accountant's rate q_max, is unchanged. An annealed beta (`Selection.at_round`) makes
+p_i change with the public round number only; q_max still caps every round's p_i.
 
 Randomness (device sampling and noise) comes from the OS entropy pool unless
 privacy.reproducible_noise is set, which seeds it from run.seed: no privacy then against anybody
@@ -193,12 +200,14 @@ class DPFedAvg:
         return mech
 
     def inclusion(self, selection: Selection, counts: np.ndarray) -> np.ndarray:
-        """Each device's inclusion probability this round (never above `sample_rate`)."""
+        """Each device's inclusion probability this round (never above `sample_rate`); give it
+        this round's selection (`selection.at_round`), whose `floor` lifts light devices."""
         if not self.capped:
             return np.full(self.num_devices, self.sample_rate)
         weights = selection.weights(np.asarray(counts, float))
         reference = float(selection.weights(np.array([self.reference]))[0])
-        return capped_inclusion(weights, reference, self.k / self.num_devices, self.sample_rate)
+        base_rate = self.k / self.num_devices
+        return capped_inclusion(weights, reference, base_rate, self.sample_rate, selection.floor)
 
     def sample(self, selection: Selection, counts: np.ndarray, server_round: int) -> np.ndarray:
         """This round's Poisson sample of devices (sorted ids; may be empty)."""

@@ -12,7 +12,7 @@ import typer
 from .audit import attack_run, run_audit
 from .centralized import train_centralized
 from .cli_common import ConfigOpt, SetOpt, console, fail, one_line_errors
-from .compare import run_compare
+from .compare import MODES, SWEEPS, run_compare
 from .config import load_config
 from .fairness_cli import app as fairness_app
 from .progress import RoundPrinter
@@ -68,12 +68,27 @@ def train(
 
 
 @app.command()
-def compare(config: ConfigOpt = None, set_: SetOpt = None) -> None:
-    """Uniform vs activity-based selection, on static and continual data (4 runs, one report)."""
+def compare(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    sweep: Annotated[
+        str, typer.Option(help="selection: uniform vs activity; fairness: + each mitigation")
+    ] = "selection",
+    modes: Annotated[
+        str, typer.Option(help="device data settings to run, comma-separated")
+    ] = ",".join(MODES),
+) -> None:
+    """A sweep of federated runs on static and continual data, one report (default: uniform vs
+    activity-based selection, 4 runs)."""
+    chosen = tuple(m.strip() for m in modes.split(",") if m.strip())
+    if sweep not in SWEEPS:
+        fail(f"--sweep {sweep!r}: expected one of {', '.join(SWEEPS)}")
+    if not chosen or set(chosen) - set(MODES):
+        fail(f"--modes {modes!r}: expected a comma-separated subset of {', '.join(MODES)}")
     with one_line_errors():
         cfg = load_config(config, set_ or [])
         with RoundPrinter(console, cfg) as printer:
-            out_dir, _ = run_compare(cfg, on_round=printer)
+            out_dir, _ = run_compare(cfg, on_round=printer, sweep=sweep, modes=chosen)
     console.print((out_dir / "comparison.md").read_text())
     console.print(f"report in [bold]{out_dir}[/] (comparison.md, comparison.json, comparison.png)")
 

@@ -1,97 +1,155 @@
-"""Uniform vs activity-based device selection, on static and on continual device data.
+"""`fedtrust compare`: one sweep of federated runs on the same partition and seed, one report.
 
-Four simulations on the same partition and seed; one table (Markdown + JSON) and one figure with
-a panel per data setting.
+Sweeps (`--sweep`):
+- `selection` (default): uniform vs activity-based selection;
+- `fairness`: uniform, activity, and activity with each cohort-fairness mitigation (a selection
+  floor, q-FFL, adversarial reweighting, a fine-tuning phase with EWC).
+Each variant runs on static and on continual device data (`--modes`). One table (Markdown +
+JSON) with accuracy and the cohort-fairness figures of every run, and one figure with a panel
+per data setting.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import copy
+import re
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from matplotlib.figure import Figure
 
-from .config import Config
+from .config import Config, validate
+from .config_files import apply
 from .report import write_report_files
 from .run_folder import read_metrics
 from .runner import simulate
 
-SELECTIONS = ("uniform", "activity")
 MODES = ("static", "continual")
+SELECTIONS = ("uniform", "activity")
+DEFAULT_FLOOR = 0.5  # the fairness sweep's floor when the config sets none
+FINETUNE_SHARE = 6  # the fairness sweep fine-tunes in the last rounds / FINETUNE_SHARE rounds
 
 
-def variants(cfg: Config) -> dict[tuple[str, str], Config]:
+def sweep_variants(sweep: str, cfg: Config) -> dict[str, dict[str, dict[str, Any]]]:
+    """{variant name: config overrides} of a sweep."""
+    uniform = {"selection": {"strategy": "uniform"}}
+    activity = {"selection": {"strategy": "activity"}}
+    if sweep == "selection":
+        return {"uniform": uniform, "activity": activity}
+    floor = {"selection": {"strategy": "activity", "floor": cfg.selection.floor or DEFAULT_FLOOR}}
+    finetune = max(1, cfg.server.rounds // FINETUNE_SHARE)
+    # q-FFL estimates L = 1 / lr for SGD devices; after AdamW steps that L makes its step
+    # vanishingly small, so the sweep uses L = 1 there (unless the config sets one).
+    qffl_lr = cfg.server.qffl_lr or (1.0 if cfg.client.optimizer == "adamw" else cfg.client.lr)
+    return {
+        "uniform": uniform,
+        "activity": activity,
+        "activity + floor": floor,
+        "activity + q-FFL": activity | {"server": {"aggregation": "qfedavg", "qffl_lr": qffl_lr}},
+        "activity + ARW": activity | {"mitigation": {"reweighting": "adversarial"}},
+        "activity + floor + fine-tune": floor | {"mitigation": {"finetune_rounds": finetune}},
+    }
+
+
+SWEEPS = ("selection", "fairness")
+
+
+def variants(
+    cfg: Config, sweep: str = "selection", modes: tuple[str, ...] = MODES
+) -> dict[tuple[str, str], Config]:
+    """One validated config per (data mode, variant)."""
     out = {}
-    for mode in MODES:
-        for strategy in SELECTIONS:
-            out[(mode, strategy)] = dataclasses.replace(
-                cfg,
-                devices=dataclasses.replace(cfg.devices, mode=mode),
-                selection=dataclasses.replace(cfg.selection, strategy=strategy),
-                run=dataclasses.replace(cfg.run),
-            )
+    for mode in modes:
+        for name, overrides in sweep_variants(sweep, cfg).items():
+            c = copy.deepcopy(cfg)
+            apply(c, {"devices": {"mode": mode}} | overrides, f"compare --sweep {sweep}")
+            validate(c)
+            out[(mode, name)] = c
     return out
 
 
-def run_compare(cfg: Config, on_round=None) -> tuple[Path, list[dict[str, Any]]]:
-    name = cfg.run.name or datetime.now().strftime("compare-%Y%m%d-%H%M%S")
+def run_compare(
+    cfg: Config, on_round=None, sweep: str = "selection", modes: tuple[str, ...] = MODES
+) -> tuple[Path, list[dict[str, Any]]]:
+    name = cfg.run.name or datetime.now().strftime(f"compare-{sweep}-%Y%m%d-%H%M%S")
     out_dir = Path(cfg.run.output_dir) / name
     out_dir.mkdir(parents=True, exist_ok=True)
     rows, curves = [], {}
-    for (mode, strategy), c in variants(cfg).items():
-        c.run.output_dir, c.run.name = str(out_dir), f"{mode}-{strategy}"
+    for (mode, variant), c in variants(cfg, sweep, modes).items():
+        c.run.output_dir, c.run.name = str(out_dir), run_name(mode, variant)
         run_dir, summary = simulate(c, on_round=on_round)
         metric = summary["primary_metric"]
         history = [r for r in read_metrics(run_dir) if r["round"] > 0]
-        curves[(mode, strategy)] = history
+        curves[(mode, variant)] = history
         seen = [sum(r["available"]) for r in history]
         rows.append(
             {
                 "data": mode,
-                "selection": strategy,
+                "selection": variant,
                 "metric": metric,
                 "final": summary["final"][metric],
                 "final_loss": summary["final"]["loss"],
                 "best_subset": max(r[metric] for r in history),
                 "mean_examples_per_round": sum(seen) / len(seen),
                 "distinct_devices": len({d for r in history for d in r["devices"]}),
-                **_cohort_columns(summary.get("cohorts")),
+                **cohort_columns(summary.get("cohorts")),
                 "run_dir": str(run_dir),
             }
         )
-    figure = comparison_figure(curves, rows[0]["metric"])
+    figure = comparison_figure(
+        curves, rows[0]["metric"], modes, rows if sweep != "selection" else None
+    )
     write_report_files(out_dir, "comparison", rows, markdown_table(rows), figure)
     return out_dir, rows
 
 
-def _cohort_columns(cohorts: dict[str, Any] | None) -> dict[str, Any]:
-    """The activity-cohort fairness figures of one run (see fedtrust.fairness.cohorts)."""
+def run_name(mode: str, variant: str) -> str:
+    """The run folder of one variant: `static-activity-floor`, ..."""
+    return f"{mode}-" + re.sub(r"[^a-z0-9]+", "-", variant.lower()).strip("-")
+
+
+def cohort_columns(cohorts: dict[str, Any] | None) -> dict[str, Any]:
+    """The cohort-fairness figures of one run's summary (see `cohort_summary`)."""
     if not cohorts or "activity" not in cohorts:
-        return {"cohort_gap": None, "lightest_accuracy": None, "lightest_never_selected": None}
+        return {
+            "cohort_gap": None,
+            "lightest_accuracy": None,
+            "lightest_never_selected": None,
+            "quartiles_never_selected": None,
+            "worst_cohort": None,
+            "worst_cohort_accuracy": None,
+            "worst_cohort_gap": None,
+        }
     activity = cohorts["activity"]
-    names = [k for k in activity if k not in ("gap", "worst")]
+    worst = cohorts.get("discovered") or {}
     return {
         "cohort_gap": activity["gap"],
-        "lightest_accuracy": activity[names[0]] if names else None,
+        "lightest_accuracy": activity["lightest"],
         "lightest_never_selected": cohorts["lightest_cohort_never_selected"],
+        "quartiles_never_selected": cohorts["quartiles_never_selected"],
+        "worst_cohort": worst.get("rule"),
+        "worst_cohort_accuracy": worst.get("accuracy"),
+        "worst_cohort_gap": worst.get("gap"),
     }
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     head = (
-        "| data | selection | final {m} (full test) | final loss | best {m} (subset) "
-        "| examples / round | distinct devices | lightest-quartile accuracy "
-        "| worst-cohort gap | lightest never selected |"
+        "| data | variant | final {m} (full test) | final loss | examples / round "
+        "| distinct devices | lightest-quartile accuracy | activity-cohort gap "
+        "| lightest never selected | quartiles never selected | worst discovered cohort "
+        "| its accuracy | its gap |"
     ).format(m=rows[0]["metric"])
-    lines = [head, "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [head, "|" + "---|" * 13]
     for r in rows:
         lines.append(
             f"| {r['data']} | {r['selection']} | {r['final']:.4f} | {r['final_loss']:.4f} "
-            f"| {r['best_subset']:.4f} | {r['mean_examples_per_round']:.0f} "
-            f"| {r['distinct_devices']} | {_fmt(r.get('lightest_accuracy'))} "
-            f"| {_fmt(r.get('cohort_gap'))} | {_fmt(r.get('lightest_never_selected'), '.0%')} |"
+            f"| {r['mean_examples_per_round']:.0f} | {r['distinct_devices']} "
+            f"| {_fmt(r.get('lightest_accuracy'))} | {_fmt(r.get('cohort_gap'))} "
+            f"| {_fmt(r.get('lightest_never_selected'), '.0%')} "
+            f"| {_fmt(r.get('quartiles_never_selected'), 'd')} | {r.get('worst_cohort') or 'n/a'} "
+            f"| {_fmt(r.get('worst_cohort_accuracy'))} | {_fmt(r.get('worst_cohort_gap'))} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -100,24 +158,48 @@ def _fmt(value: float | None, spec: str = ".4f") -> str:
     return "n/a" if value is None else format(value, spec)
 
 
-def comparison_figure(curves: dict, metric: str) -> Figure:
-    """One panel per data setting, one line per selection."""
-    fig = Figure(figsize=(11, 4))
-    axes = fig.subplots(1, len(MODES), sharey=True)
-    for ax, mode in zip(axes, MODES):
-        for strategy in SELECTIONS:
-            rows = curves.get((mode, strategy), [])
+def comparison_figure(
+    curves: dict,
+    metric: str,
+    modes: tuple[str, ...] = MODES,
+    rows: list[dict[str, Any]] | None = None,
+) -> Figure:
+    """One panel per data setting, one line per variant (in the order they ran); with `rows`,
+    a last panel of final accuracy against the activity-cohort gap of every run."""
+    panels = len(modes) + (rows is not None)
+    fig = Figure(figsize=(5.5 * panels + 0.5, 4))
+    axes = fig.subplots(1, panels, squeeze=False)[0]
+    for ax, mode in zip(axes, modes):
+        for (run_mode, variant), rows in curves.items():
+            if run_mode != mode:
+                continue
             ax.plot(
                 [r["round"] for r in rows],
                 [r[metric] for r in rows],
                 marker="o",
                 ms=2,
-                label=strategy,
+                label=variant,
             )
         ax.set_title(f"{mode} device data")
         ax.set_xlabel("round")
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=8)
     axes[0].set_ylabel(metric.replace("_", " ") + " (central test subset)")
+    if rows is not None:
+        _tradeoff_panel(axes[-1], rows, metric)
     fig.tight_layout()
     return fig
+
+
+def _tradeoff_panel(ax, rows: list[dict[str, Any]], metric: str) -> None:
+    """Final accuracy (up is better) against the worst-cohort gap (left is fairer)."""
+    markers = dict(zip(MODES, ("o", "s")))
+    for r in rows:
+        if r.get("cohort_gap") is None:
+            continue
+        ax.scatter(r["cohort_gap"], r["final"], marker=markers.get(r["data"], "o"))
+        ax.annotate(f"{r['selection']} ({r['data']})", (r["cohort_gap"], r["final"]), fontsize=7)
+    ax.set_xlabel("activity-cohort gap (best - worst quartile)")
+    ax.set_ylabel(f"final {metric.replace('_', ' ')} (full test)")
+    ax.set_title("accuracy vs fairness")
+    ax.grid(alpha=0.3)

@@ -7,18 +7,19 @@ Every error names the file (or `--set`), the key and the value, in one line.
 
 from __future__ import annotations
 
-import dataclasses
-import tomllib
-import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Any, Literal
 
 from fedtrust.clients.device_data import StorageSettings
 from fedtrust.clients.settings import ClientSettings
 from fedtrust.errors import ConfigError
 from fedtrust.tasks import TaskSpec
+
+from .config_files import Sections, apply, load_sections, parse_override, requirement
+
+__all__ = ["Config", "ConfigError", "load_config", "config_from_dict", "parse_override"]
 
 BUNDLED = Path(__file__).parent / "configs"
 
@@ -41,11 +42,15 @@ class SelectionConfig:
     beta: float = 1.0  # activity: P(select) grows like (available examples) ** beta
     devices_per_round: int = 10
     weighting: Literal["examples", "equal", "inverse-probability", "unbiased"] = "examples"
+    floor: float = 0.0  # activity: every device keeps >= ~floor x its uniform inclusion chance
+    beta_end: float = -1.0  # activity: >= 0 anneals beta linearly to this by the last round
 
 
 @dataclass
 class ServerConfig:
-    aggregation: Literal["fedavg", "fedadam"] = "fedavg"
+    aggregation: Literal["fedavg", "fedadam", "qfedavg"] = "fedavg"
+    q: float = 0.2  # qfedavg: fairness exponent of q-FFL (0 = FedAvg-like)
+    qffl_lr: float = 0.0  # qfedavg: L = 1 / qffl_lr (0 = client.lr, the paper's SGD devices)
     rounds: int = 12
     server_lr: float = 1e-2  # FedAdam eta
     beta_1: float = 0.9
@@ -53,6 +58,31 @@ class ServerConfig:
     tau: float = 1e-3
     eval_examples: int = 1000  # per-round central evaluation subset (0 = whole test set)
     eval_batch_size: int = 256
+    oos_rejection: Literal["msp", "energy", "none"] = "msp"  # intent: reject below a tuned score
+
+
+@dataclass
+class MitigationConfig:
+    """Cohort-fairness mitigations beyond selection (off by default; not with DP)."""
+
+    reweighting: Literal["none", "adversarial"] = "none"  # ARW: up-weight high-loss devices
+    arw_step: float = 1.0  # adversary's step on the devices' losses
+    arw_bound: float = 5.0  # a device's weight stays within [1/bound, bound] x its base weight
+    finetune_rounds: int = 0  # last rounds: worst discovered cohort up-weighted, EWC penalty
+    finetune_upweight: float = 4.0  # selection weight multiplier of the worst cohort's devices
+    finetune_max_share: float = 0.25  # the cohort holds at most this share of the devices
+    ewc_lambda: float = 1.0  # strength of the EWC pull towards the pre-phase global model
+
+
+@dataclass
+class CohortConfig:
+    """Cohort discovery in every federated run's report (`fedtrust.fairness.discovery`)."""
+
+    quantiles: int = 4  # activity cohorts
+    min_devices: int = 10  # smallest discovered cohort (scored devices) worth reporting
+    clusters: int = 8  # k-means clusters of held-out sentence embeddings (0 = off)
+    embed_examples: int = 2000  # held-out examples embedded for the clusters
+    resamples: int = 1000  # bootstrap resamples of every confidence interval
 
 
 @dataclass
@@ -105,13 +135,6 @@ class RunConfig:
     name: str = ""  # run folder name (default: derived from the time)
 
 
-class Sections:
-    """A config: a dataclass of section dataclasses (this module's Config, the distill run's)."""
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
 @dataclass
 class Config(Sections):
     task: TaskSpec = field(default_factory=TaskSpec)
@@ -122,87 +145,9 @@ class Config(Sections):
     server: ServerConfig = field(default_factory=ServerConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
+    mitigation: MitigationConfig = field(default_factory=MitigationConfig)
+    cohorts: CohortConfig = field(default_factory=CohortConfig)
     run: RunConfig = field(default_factory=RunConfig)
-
-
-# --------------------------------------------------------------------------- loading
-
-
-def _check_value(annotation: Any, value: Any, where: str) -> Any:
-    """Return `value` converted to `annotation`, or raise ConfigError naming `where`."""
-    origin = get_origin(annotation)
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{where}: expected a list, e.g. [1, 2], got {value!r}")
-        (inner,) = get_args(annotation)
-        return [_check_value(inner, v, where) for v in value]
-    if origin is Literal:
-        choices = get_args(annotation)
-        if value not in choices:
-            raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(repr, choices))}")
-        return value
-    if annotation is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true or false, got {value!r}")
-        return value
-    if annotation is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        return value
-    if annotation is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        return float(value)
-    if annotation is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
-        return value
-    raise TypeError(f"unsupported config annotation {annotation}")
-
-
-def _section_types(section_cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(section_cls)
-
-
-def apply(cfg: Any, values: dict[str, Any], source: str) -> Any:
-    """Merge a nested mapping {section: {key: value}} into `cfg`, validating every key.
-
-    `cfg` is any dataclass of section dataclasses (this module's Config, or another command's).
-    """
-    sections = _section_types(type(cfg))
-    for section, entries in values.items():
-        if section not in sections:
-            raise ConfigError(
-                f"{source}: unknown section [{section}] (known: {', '.join(sections)})"
-            )
-        if not isinstance(entries, dict):
-            raise ConfigError(f"{source}: [{section}] must be a table of key = value")
-        target = getattr(cfg, section)
-        types_ = _section_types(type(target))
-        for key, value in entries.items():
-            if key not in types_:
-                raise ConfigError(
-                    f"{source}: unknown key {section}.{key} (known: {', '.join(types_)})"
-                )
-            checked = _check_value(types_[key], value, f"{source}: {section}.{key}")
-            setattr(target, key, checked)
-            cfg.__dict__.setdefault("_sources", {})[f"{section}.{key}"] = source
-    return cfg
-
-
-def parse_override(text: str) -> dict[str, Any]:
-    """Turn `section.key=value` into {section: {key: value}}; the value is read as TOML."""
-    if "=" not in text:
-        raise ConfigError(f"--set {text!r}: expected section.key=value")
-    path, raw = text.split("=", 1)
-    parts = path.strip().split(".")
-    if len(parts) != 2 or not all(parts):
-        raise ConfigError(f"--set {text!r}: the key must be section.key, e.g. client.lr")
-    try:
-        value = tomllib.loads(f"v = {raw.strip()}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = raw.strip()  # a bare word such as `activity` is a string
-    return {parts[0]: {parts[1]: value}}
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
@@ -210,42 +155,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     cfg = load_sections(Config(), path, overrides, BUNDLED)
     validate(cfg)
     return cfg
-
-
-def load_sections(cfg: Any, path: str | Path | None, overrides: list[str] | None, bundled: Path):
-    """`cfg` (a dataclass of sections) updated by the TOML file (a path, or a config name in
-    `bundled`, e.g. `shakespeare`), then by each `--set section.key=value` override."""
-    if path is not None:
-        path = Path(path)
-        if not path.exists() and (bundled / f"{path}.toml").is_file():
-            path = bundled / f"{path}.toml"
-        if not path.is_file():
-            raise ConfigError(f"{path}: config file not found")
-        try:
-            data = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as err:
-            raise ConfigError(f"{path}: not valid TOML ({err})") from None
-        apply(cfg, data, str(path))
-    for text in overrides or []:
-        apply(cfg, parse_override(text), "--set")
-    return cfg
-
-
-def requirement(
-    cfg: Any, show: Callable[[Any], Any] = lambda value: value
-) -> Callable[[bool, str, str], None]:
-    """`require(ok, "section.key", message)`: a ConfigError naming where the value came from,
-    the key and the value (`{value}` in `message`, shown through `show`) unless `ok`."""
-    sources = cfg.__dict__.get("_sources", {})
-
-    def require(ok: bool, key: str, message: str) -> None:
-        if not ok:
-            section, name = key.split(".")
-            value = getattr(getattr(cfg, section), name)
-            where = sources.get(key, "default")
-            raise ConfigError(f"{where}: {key}: {message.format(value=show(value))}")
-
-    return require
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:
@@ -269,6 +178,12 @@ def validate(cfg: Config) -> None:
     require(d.arrival_rate >= 0, "devices.arrival_rate", "must be >= 0, got {value}")
     require(d.capacity >= 0, "devices.capacity", "must be >= 0 (0 = unlimited), got {value}")
     require(s.beta >= 0, "selection.beta", "must be >= 0, got {value}")
+    require(0 <= s.floor <= 1, "selection.floor", "must be in [0, 1], got {value}")
+    require(
+        s.beta_end == -1 or s.beta_end >= 0,
+        "selection.beta_end",
+        "must be >= 0 (or -1 = no annealing), got {value}",
+    )
     require(s.devices_per_round >= 1, "selection.devices_per_round", "must be >= 1, got {value}")
     require(
         s.devices_per_round <= p.num_devices or p.scheme == "natural",
@@ -291,6 +206,9 @@ def validate(cfg: Config) -> None:
     require(0 < t.test_fraction < 1, "task.test_fraction", "must be in (0, 1), got {value}")
     require(t.max_length >= 2, "task.max_length", "must be >= 2, got {value}")
     require(t.freeze_layers >= 0, "task.freeze_layers", "must be >= 0, got {value}")
+    require(v.q >= 0, "server.q", "must be >= 0, got {value}")
+    require(v.qffl_lr >= 0, "server.qffl_lr", "must be >= 0 (0 = client.lr), got {value}")
+    _validate_fairness(cfg, require)
     q = cfg.privacy
     require(q.target_epsilon >= 0, "privacy.target_epsilon", "must be > 0 (0 = off), got {value}")
     require(0 <= q.target_delta < 1, "privacy.target_delta", "must be in [0, 1), got {value}")
@@ -331,3 +249,53 @@ def validate(cfg: Config) -> None:
     )
     require(a.one_run_canaries >= 0, "audit.one_run_canaries", "must be >= 0, got {value}")
     require(a.search_budget >= 1, "audit.search_budget", "must be >= 1, got {value}")
+
+
+def _validate_fairness(cfg: Config, require: Callable[[bool, str, str], None]) -> None:
+    m, c = cfg.mitigation, cfg.cohorts
+    require(m.arw_step > 0, "mitigation.arw_step", "must be > 0, got {value}")
+    require(m.arw_bound >= 1, "mitigation.arw_bound", "must be >= 1, got {value}")
+    require(
+        0 <= m.finetune_rounds < cfg.server.rounds,
+        "mitigation.finetune_rounds",
+        f"must be in [0, server.rounds = {cfg.server.rounds}), got {{value}}",
+    )
+    require(
+        0 < m.finetune_max_share <= 1,
+        "mitigation.finetune_max_share",
+        "must be in (0, 1], got {value}",
+    )
+    require(m.finetune_upweight >= 1, "mitigation.finetune_upweight", "must be >= 1, got {value}")
+    require(m.ewc_lambda >= 0, "mitigation.ewc_lambda", "must be >= 0, got {value}")
+    require(
+        not (m.reweighting == "adversarial" and cfg.server.aggregation == "qfedavg"),
+        "mitigation.reweighting",
+        "{value!r} cannot be combined with server.aggregation = 'qfedavg' (q-FFL weighs "
+        "devices by their losses itself)",
+    )
+    require(
+        not (m.reweighting == "adversarial" and cfg.selection.weighting == "unbiased"),
+        "mitigation.reweighting",
+        "{value!r} needs normalised weights; selection.weighting = 'unbiased' is not",
+    )
+    if cfg.privacy.enabled:
+        # Device losses and Fisher diagonals would leave the device outside any DP mechanism.
+        why = "is not covered by the DP accountant (device losses would leave the devices); "
+        require(
+            cfg.server.aggregation != "qfedavg",
+            "server.aggregation",
+            "{value!r} " + why + "use fedavg or fedadam with privacy on",
+        )
+        require(m.reweighting == "none", "mitigation.reweighting", "{value!r} " + why)
+        require(m.finetune_rounds == 0, "mitigation.finetune_rounds", "{value} > 0 " + why)
+    require(c.quantiles >= 2, "cohorts.quantiles", "must be >= 2, got {value}")
+    require(c.min_devices >= 2, "cohorts.min_devices", "must be >= 2, got {value}")
+    require(c.clusters >= 0, "cohorts.clusters", "must be >= 0 (0 = off), got {value}")
+    require(c.embed_examples >= 1, "cohorts.embed_examples", "must be >= 1, got {value}")
+    require(c.resamples >= 100, "cohorts.resamples", "must be >= 100, got {value}")
+
+
+def needs_device_losses(cfg: Config) -> bool:
+    """Whether devices must report their loss at the global model (loss-aware mitigations)."""
+    m = cfg.mitigation
+    return cfg.server.aggregation == "qfedavg" or m.reweighting != "none" or m.finetune_rounds > 0

@@ -12,7 +12,8 @@ from typing import Literal
 
 from fedtrust.fairness.distill import VARIANTS
 
-from .config import BUNDLED, Sections, load_sections, requirement
+from .config import BUNDLED
+from .config_files import Sections, load_sections, requirement
 
 DEFAULT_CONFIG = BUNDLED / "distill.toml"
 

@@ -179,6 +179,18 @@ def cohort_markdown(report: dict[str, Any], metric: str = "accuracy") -> str:
         f"{report['rounds']} rounds).",
         "",
     ]
+    found = report.get("discovered", {}).get("cohorts", [])
+    if "discovered" in report and not found:
+        lines += ["**Worst discovered cohort: none** (no split of the devices' attributes leaves "
+                  "enough scored devices on both sides with a lower accuracy).", ""]  # fmt: skip
+    if found:
+        w = found[0]
+        lines += [
+            f"**Worst discovered cohort: {w['rule']}** — {w['devices']} devices "
+            f"({w['device_share']:.0%}), mean device accuracy {_ci(w)} vs {w['rest_accuracy']:.4f} "
+            f"for the rest (gap {w['gap']:.4f}).",
+            "",
+        ]
     for by, table in report["by"].items():
         gap = "n/a" if table["gap"] is None else f"{table['gap']:.4f}"
         lines += [
@@ -194,7 +206,62 @@ def cohort_markdown(report: dict[str, Any], metric: str = "accuracy") -> str:
                 f"| {r['never_selected']:.0%} |"
             )
         lines.append("")
-    return "\n".join(lines)
+    return "\n".join(lines + discovered_markdown(report))
+
+
+def discovered_markdown(report: dict[str, Any]) -> list[str]:
+    """The discovered cohorts and embedding clusters of a report, as Markdown lines."""
+    lines: list[str] = []
+    if "discovered" in report:
+        found = report["discovered"]
+        share = found["bottom_share"]
+        lines += [
+            f"### discovered cohorts (splits over {', '.join(found['attributes'])})",
+            "",
+            "Worst first; 95 % bootstrap intervals over devices. Bottom-cohort share: "
+            f"{share['device_share']:.0%} of devices, {share['example_share']:.0%} of examples.",
+            "",
+            "| cohort | devices | examples | mean device accuracy [95 % CI] | rest | gap | note |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        if not found["cohorts"]:
+            lines.append("| no split with enough devices on both sides | | | | | | |")
+        for c in found["cohorts"]:
+            lines.append(
+                f"| {c['rule']} | {c['devices']} ({c['device_share']:.0%}) "
+                f"| {c['examples']} ({c['example_share']:.0%}) | {_ci(c)} "
+                f"| {c['rest_accuracy']:.4f} | {c['gap']:.4f} "
+                f"| {_uncertain(c)} |"
+            )
+        lines.append("")
+    if report.get("clusters"):
+        lines += [
+            "### embedding clusters of held-out examples (k-means, worst first)",
+            "",
+            "| cluster | examples | accuracy [95 % CI] | typical examples |",
+            "|---|---|---|---|",
+        ]
+        for c in report["clusters"]:
+            texts = " · ".join(t.replace("|", "/").replace("\n", " ")[:60] for t in c["examples"])
+            note = " (too small)" if c["too_small"] else ""
+            lines.append(f"| {c['cluster']} | {c['size']}{note} | {_ci(c)} | {texts} |")
+        lines.append("")
+    return lines
+
+
+def _uncertain(cohort: dict[str, Any]) -> str:
+    """Why a discovered cohort cannot be judged (few scored devices, a gap CI holding 0)."""
+    if not cohort["too_small"]:
+        return ""
+    low, high = cohort["gap_ci"]
+    return (
+        f"too few to judge: {cohort['scored']} devices scored, gap 95 % CI [{low:.3f}, {high:.3f}]"
+    )
+
+
+def _ci(row: dict[str, Any]) -> str:
+    low, high = row["ci"]
+    return f"{row['accuracy']:.4f} [{low:.3f}, {high:.3f}]"
 
 
 def cohort_figure(report: dict[str, Any], metric: str = "accuracy") -> Figure:

@@ -6,24 +6,81 @@ The one place that knows how config sections map onto `fedtrust.server` and `fed
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from flwr.app import ConfigRecord
 
 from fedtrust.clients.budget import planned_participations
 from fedtrust.clients.settings import DeviceDP, TrainInstructions
+from fedtrust.fairness.discovery import attribute_cohorts
+from fedtrust.server.finetune import CohortFinetune
 from fedtrust.server.registry import DeviceRegistry
+from fedtrust.server.reweighting import AdversarialReweighting
 from fedtrust.server.selection import ActivitySelection, Selection, UniformSelection
-from fedtrust.server.strategy import DeviceSampling, SampledFedAdam, SampledFedAvg
+from fedtrust.server.strategy import (
+    DeviceSampling,
+    SampledFedAdam,
+    SampledFedAvg,
+    SampledQFedAvg,
+)
 from fedtrust.server.user_dp import DPFedAvg
 
-from .config import Config, SelectionConfig
+from .config import Config, MitigationConfig, SelectionConfig, needs_device_losses
 
 
 def make_selection(selection: SelectionConfig) -> Selection:
     if selection.strategy == "activity":
-        return ActivitySelection(selection.beta)
+        beta_end = selection.beta_end if selection.beta_end >= 0 else None
+        return ActivitySelection(selection.beta, floor=selection.floor, beta_end=beta_end)
     return UniformSelection()
+
+
+@dataclass(frozen=True)
+class WorstActivityCohort:
+    """The server's cohort discovery for fine-tuning: over what it knows of every device (its
+    example count) the split with the highest mean device loss (`fedtrust.fairness.discovery`)
+    among those holding at most `max_share` of the devices (up-weighting most of the population
+    is just another selection); devices that never reported a loss are members when their
+    activity falls in the cohort."""
+
+    min_devices: int
+    resamples: int
+    max_share: float = 0.25
+    seed: int = 0
+
+    def __call__(self, counts: np.ndarray, losses: np.ndarray) -> np.ndarray:
+        cohorts = attribute_cohorts(
+            -np.asarray(losses, float),  # higher is better, as for accuracy
+            {"activity": np.asarray(counts, float)},
+            np.asarray(counts, float),
+            min_devices=self.min_devices,
+            max_depth=1,
+            top=5,
+            resamples=self.resamples,
+            seed=self.seed,
+        )
+        small = [c for c in cohorts if c.device_share <= self.max_share]
+        return small[0].members if small else np.zeros(len(counts), bool)
+
+
+def mitigations(cfg: Config) -> dict:
+    """The strategy's loss-aware mitigation arguments (`[mitigation]`)."""
+    m: MitigationConfig = cfg.mitigation
+    out: dict = {"total_rounds": cfg.server.rounds}
+    if m.reweighting == "adversarial":
+        out["reweighting"] = AdversarialReweighting(step=m.arw_step, bound=m.arw_bound)
+    if m.finetune_rounds > 0:
+        out["finetune"] = CohortFinetune(
+            rounds=m.finetune_rounds,
+            upweight=m.finetune_upweight,
+            ewc_lambda=m.ewc_lambda,
+            find_worst=WorstActivityCohort(
+                cfg.cohorts.min_devices, cfg.cohorts.resamples, m.finetune_max_share, cfg.run.seed
+            ),
+        )
+    return out
 
 
 def user_level_dp(cfg: Config, num_devices: int) -> DPFedAvg | None:
@@ -50,7 +107,8 @@ def user_level_dp(cfg: Config, num_devices: int) -> DPFedAvg | None:
 
 
 def make_strategy(cfg: Config, registry: DeviceRegistry, num_devices: int) -> DeviceSampling:
-    """Flower's FedAvg or FedAdam (`server.aggregation`) with fedtrust's selection and DP."""
+    """Flower's FedAvg, FedAdam or QFedAvg (`server.aggregation`) with fedtrust's selection,
+    DP and fairness mitigations."""
     common = dict(
         registry=registry,
         selection=make_selection(cfg.selection),
@@ -58,6 +116,7 @@ def make_strategy(cfg: Config, registry: DeviceRegistry, num_devices: int) -> De
         weighting=cfg.selection.weighting,
         seed=cfg.run.seed,
         user_dp=user_level_dp(cfg, num_devices),
+        **mitigations(cfg),
     )
     s = cfg.server
     if s.aggregation == "fedadam":
@@ -69,6 +128,8 @@ def make_strategy(cfg: Config, registry: DeviceRegistry, num_devices: int) -> De
             beta_2=s.beta_2,
             tau=s.tau,
         )
+    if s.aggregation == "qfedavg":
+        return SampledQFedAvg(**common, q=s.q, client_learning_rate=s.qffl_lr or cfg.client.lr)
     return SampledFedAvg(**common)
 
 
@@ -96,5 +157,6 @@ def device_instructions(cfg: Config, run_dir: Path, num_devices: int) -> ConfigR
         state_dir=str(run_dir),
         dp=dp,
         report_loss=not p.enabled,  # under user-level DP the loss is not covered either
+        global_loss=needs_device_losses(cfg),
     )
     return instructions.to_record()

@@ -28,7 +28,7 @@ from fedtrust.server.federation import FederationResult, RoundCallback
 from fedtrust.server.registry import DeviceRegistry
 from fedtrust.tasks.models import quiet_transformers
 
-from .cohort_summary import cohort_summary
+from .cohort_summary import cohort_summary, oos_summary
 from .config import Config, ConfigError
 from .federation import device_instructions, make_strategy
 from .population import Population, PopulationSource, cached_population
@@ -161,7 +161,8 @@ def finish_run(
         "final_subset": {k: v for k, v in rows[-1].items() if isinstance(v, float)},
         "best_round": max(rows, key=lambda r: r.get(metric, 0.0))["round"] if rows else None,
         "privacy": _privacy_summary(cfg, run_dir, rows),
-        "cohorts": cohort_summary(run_dir, population, model, rows),
+        "cohorts": cohort_summary(run_dir, population, model, rows, cfg.cohorts, cfg.run.seed),
+        "oos_rejection": oos_summary(population.task, model, cfg.server.oos_rejection),
         "seconds": seconds,
     }
     write_summary(run_dir, summary)

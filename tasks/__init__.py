@@ -6,6 +6,7 @@ from .base import Task, load_trainable_state, trainable_state
 from .data import load_raw
 from .intent import build_intent_task
 from .lm import build_lm_task
+from .rejection import Scores, oos_rejection, rejection_metrics, score_rows, tune_threshold
 from .spec import TaskSpec
 
 
@@ -25,10 +26,15 @@ def build_task(spec: TaskSpec, seed: int = 0) -> Task:
 
 
 __all__ = [
+    "Scores",
     "Task",
     "TaskSpec",
     "build_task",
     "load_raw",
     "load_trainable_state",
+    "oos_rejection",
+    "rejection_metrics",
+    "score_rows",
     "trainable_state",
+    "tune_threshold",
 ]

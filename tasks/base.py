@@ -16,9 +16,10 @@ from torch import nn
 class Task:
     """A dataset + tokenizer + model + loss + metrics, as one object.
 
-    `train` and `test` hold encoded rows as plain lists (`input_ids`, `labels`, optional
-    `device`); the model computes its own loss from a batch (`model(**batch).loss`), so
-    training loops stay task-agnostic.
+    `train`, `test` and `validation` hold encoded rows as plain lists (`input_ids`, `labels`,
+    optional `device`); `validation` is empty when the data has no such split. The model
+    computes its own loss from a batch (`model(**batch).loss`), so training loops stay
+    task-agnostic.
     """
 
     kind: str
@@ -28,6 +29,7 @@ class Task:
     primary_metric: str
     info: dict[str, Any] = field(default_factory=dict)
     head_prefixes: tuple[str, ...] = ()  # freshly initialised parameters (may learn faster)
+    validation: list[dict[str, Any]] = field(default_factory=list)
 
     def build_model(self, seed: int = 0) -> nn.Module:  # pragma: no cover - overridden
         raise NotImplementedError
@@ -70,6 +72,44 @@ class Task:
             order = np.argsort([len(r["input_ids"]) for r in rows], kind="stable")
         for start in range(0, len(order), batch_size):
             yield self.collate([rows[i] for i in order[start : start + batch_size]])
+
+    def indexed_batches(
+        self, rows: list[dict[str, Any]], batch_size: int
+    ) -> Iterator[tuple[np.ndarray, dict[str, torch.Tensor]]]:
+        """(row indices, collated batch), sorted by length: scatter results back by index."""
+        order = np.argsort([len(r["input_ids"]) for r in rows], kind="stable")
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            yield chunk, self.collate([rows[i] for i in chunk])
+
+    @torch.no_grad()
+    def embed(
+        self, model: nn.Module, rows: list[dict[str, Any]], batch_size: int = 256
+    ) -> np.ndarray:
+        """Sentence embeddings [len(rows), hidden] (float32, row order): the mean of the model's
+        last hidden state over each row's own tokens (padding excluded)."""
+        was_training = model.training
+        model.eval()
+        device = next(model.parameters()).device
+        out = np.zeros((len(rows), model.config.hidden_size), dtype=np.float32)
+        try:
+            for index, batch in self.indexed_batches(rows, batch_size):
+                mask = batch["attention_mask"].to(device)
+                hidden = model(
+                    input_ids=batch["input_ids"].to(device),
+                    attention_mask=mask,
+                    output_hidden_states=True,
+                ).hidden_states[-1]
+                weights = mask.unsqueeze(-1).to(hidden.dtype)
+                mean = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
+                out[index] = mean.float().cpu().numpy()
+        finally:
+            model.train(was_training)
+        return out
+
+    def decode(self, row: dict[str, Any]) -> str:  # pragma: no cover - overridden
+        """The text of one encoded row."""
+        raise NotImplementedError
 
     def example_hits(
         self, model: nn.Module, rows: list[dict[str, Any]], batch_size: int = 256

@@ -1,7 +1,9 @@
 """Raw datasets: the bundled ones, a user's JSON-lines/CSV file, or a Hugging Face hub id.
 
-Everything comes back as `datasets.DatasetDict` with a `train` and a `test` split and the columns
-`text`, optionally `label` and `device`. Bad files fail here with the file, line and field named.
+Everything comes back as `datasets.DatasetDict` with a `train` and a `test` split, a `validation`
+split when the data brings one (bundled CLINC150, hub datasets that have it; never carved out of
+train), and the columns `text`, optionally `label` and `device`. Bad files fail here with the
+file, line and field named.
 """
 
 from __future__ import annotations
@@ -18,8 +20,7 @@ from fedtrust.errors import DataError
 
 DATA_DIR = Path(__file__).parent / "data"
 BUNDLED = ("clinc150", "shakespeare")
-
-
+SPLITS = ("train", "validation", "test")
 
 
 def load_raw(
@@ -33,11 +34,11 @@ def load_raw(
     test_fraction: float = 0.1,
     seed: int = 0,
 ) -> DatasetDict:
-    """Load `name` and normalise its columns to text / label / device."""
+    """Load `name` and normalise its columns to text / label / device (splits: `SPLITS`)."""
     datasets.disable_progress_bars()
     if name == "clinc150":
         folder = DATA_DIR / "clinc150"
-        files = {"train": str(folder / "train.jsonl"), "test": str(folder / "test.jsonl")}
+        files = {split: str(folder / f"{split}.jsonl") for split in SPLITS}
         raw = datasets.load_dataset("json", data_files=files)
     elif name == "shakespeare":
         raw = DatasetDict(
@@ -53,7 +54,7 @@ def load_raw(
     raw = _rename(raw, name, text_column, label_column, device_column, cohort_column, need_label)
     if "test" not in raw:
         split = raw["train"].train_test_split(test_size=test_fraction, seed=seed)
-        raw = DatasetDict({"train": split["train"], "test": split["test"]})
+        raw = DatasetDict({**raw, "train": split["train"], "test": split["test"]})
     return raw
 
 
@@ -114,8 +115,9 @@ def _load_hub(name: str) -> DatasetDict:
             f"not loadable from the Hugging Face hub ({type(err).__name__})"
         ) from None
     splits = {"train": raw["train"]} if "train" in raw else {"train": next(iter(raw.values()))}
-    if "test" in raw:
-        splits["test"] = raw["test"]
+    for name in ("validation", "test"):
+        if name in raw:
+            splits[name] = raw[name]
     return DatasetDict(splits)
 
 

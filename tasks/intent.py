@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -45,9 +46,24 @@ class IntentTask(Task):
         freeze_lower(model, self.freeze_embeddings, self.freeze_layers)
         return model
 
+    @cached_property
+    def tokenizer(self) -> Any:
+        """The model's tokenizer, loaded from `model_name` on first use and kept."""
+        return AutoTokenizer.from_pretrained(self.model_name)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled (e.g. to a Ray worker) without the cached tokenizer; it reloads on use."""
+        state = dict(self.__dict__)
+        state.pop("tokenizer", None)
+        return state
+
+    def decode(self, row: dict[str, Any]) -> str:
+        """The row's text as the tokenizer reads it back (lower-cased wordpieces for BERT)."""
+        return self.tokenizer.decode(row["input_ids"], skip_special_tokens=True)
+
     def save(self, model: nn.Module, folder: Path) -> None:
         super().save(model, folder)
-        AutoTokenizer.from_pretrained(self.model_name).save_pretrained(folder)
+        self.tokenizer.save_pretrained(folder)
 
     def _labels(self, rows: list[dict], ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return torch.tensor([r["labels"] for r in rows], dtype=torch.long)
@@ -101,9 +117,10 @@ def build_intent_task(raw, spec: TaskSpec) -> IntentTask:
     splits = {name: split.to_dict() for name, split in raw.items()}  # columns as plain lists
     labels = tuple(sorted({str(x) for x in splits["train"]["label"]}))
     index = {name: i for i, name in enumerate(labels)}
-    unknown = sorted({str(x) for x in splits["test"]["label"]} - set(labels))
-    if unknown:
-        raise DataError(f"{spec.dataset}: test labels never seen in training: {unknown[:5]}")
+    for name in ("test", "validation"):
+        unknown = sorted({str(x) for x in splits.get(name, {}).get("label", [])} - set(labels))
+        if unknown:
+            raise DataError(f"{spec.dataset}: {name} labels never seen in training: {unknown[:5]}")
 
     def encode(split: dict[str, list]) -> list[dict[str, Any]]:
         ids = tokenizer(split["text"], truncation=True, max_length=spec.max_length)["input_ids"]
@@ -114,10 +131,11 @@ def build_intent_task(raw, spec: TaskSpec) -> IntentTask:
         return rows
 
     primary = "in_scope_accuracy" if OUT_OF_SCOPE in labels else "accuracy"
-    return IntentTask(
+    task = IntentTask(
         kind="intent",
         train=encode(splits["train"]),
         test=encode(splits["test"]),
+        validation=encode(splits["validation"]) if "validation" in splits else [],
         pad_id=tokenizer.pad_token_id or 0,
         primary_metric=primary,
         info={"num_labels": len(labels), "model": model_name},
@@ -127,3 +145,5 @@ def build_intent_task(raw, spec: TaskSpec) -> IntentTask:
         freeze_embeddings=spec.freeze_embeddings,
         freeze_layers=spec.freeze_layers,
     )
+    task.__dict__["tokenizer"] = tokenizer  # seed the cached property: no second load
+    return task

@@ -44,6 +44,10 @@ class CharLMTask(Task):
     def _labels(self, rows: list[dict], ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return ids.masked_fill(mask == 0, IGNORE)
 
+    def decode(self, row: dict[str, Any]) -> str:
+        """The row's characters (padding dropped)."""
+        return "".join(self.vocab[i - 1] for i in row["input_ids"] if i != self.pad_id)
+
     def sample_losses(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Each row's mean next-character loss over its OWN characters.
 

@@ -63,17 +63,20 @@ def train_steps(
     reduction: Literal["mean", "sum"] = "mean",
     scheduler: Any = None,
     progress: TrainProgress | None = None,
+    penalty: Callable[[], torch.Tensor] | None = None,
 ) -> TrainProgress:
     """One optimizer step per batch (at most `max_steps` when > 0).
 
     `loss_of(batch)` returns the batch loss, a mean over its rows (`reduction="mean"`) or a sum
     (`"sum"`, what DP-SGD's per-sample clipping needs); the progress holds the per-row mean.
-    Pass `progress` to read it even when a step raises.
+    `penalty()`: a regulariser added to every step's objective (e.g. EWC's pull towards an
+    anchor); the progress reports the data loss without it. Pass `progress` to read it even
+    when a step raises.
     """
     progress = progress if progress is not None else TrainProgress()
     for batch in batches:
         loss = loss_of(batch)
-        loss.backward()
+        (loss if penalty is None else loss + penalty()).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if scheduler is not None:

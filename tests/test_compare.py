@@ -11,23 +11,28 @@ from fedtrust.simulations.run_folder import read_metrics
 pytestmark = pytest.mark.slow  # Flower simulation engine + Ray
 
 
-def test_compare_runs_all_four_settings_and_activity_picks_heavier_devices(tmp_path):
-    cfg = load_config(
+def _tiny_shakespeare(tmp_path, name: str, rounds: int, *extra: str):
+    return load_config(
         "shakespeare",
         [
             "task.lm_layers=1",
             "task.lm_width=16",
             "task.lm_heads=2",
             "task.max_length=32",
-            "server.rounds=2",
+            f"server.rounds={rounds}",
             "client.steps=1",
             "client.num_cpus=1",
             "server.eval_examples=64",
             "selection.devices_per_round=5",
             f'run.output_dir="{tmp_path}"',
-            'run.name="cmp"',
+            f'run.name="{name}"',
+            *extra,
         ],
     )
+
+
+def test_compare_runs_all_four_settings_and_activity_picks_heavier_devices(tmp_path):
+    cfg = _tiny_shakespeare(tmp_path, "cmp", 2)
     out_dir, rows = run_compare(cfg)
     assert {(r["data"], r["selection"]) for r in rows} == {
         (d, s) for d in ("static", "continual") for s in ("uniform", "activity")
@@ -55,3 +60,26 @@ def test_compare_runs_all_four_settings_and_activity_picks_heavier_devices(tmp_p
             by[(mode, "activity")]["mean_examples_per_round"]
             > 2 * by[(mode, "uniform")]["mean_examples_per_round"]
         )
+
+
+def test_fairness_sweep_runs_every_mitigation_through_flower_and_ray(tmp_path):
+    cfg = _tiny_shakespeare(tmp_path, "fair", 4, "cohorts.min_devices=3", "cohorts.clusters=2")
+    out_dir, rows = run_compare(cfg, sweep="fairness", modes=("static",))
+    assert [r["selection"] for r in rows] == [
+        "uniform",
+        "activity",
+        "activity + floor",
+        "activity + q-FFL",
+        "activity + ARW",
+        "activity + floor + fine-tune",
+    ]
+    history = {r["selection"]: read_metrics(r["run_dir"])[1:] for r in rows}
+    assert all("adversary" in m for m in history["activity + ARW"])  # ARW weights, each round
+    assert all("cohort_size" in m for m in history["activity + floor + fine-tune"][-1:])
+    assert history["activity + q-FFL"][-1]["loss"] != history["activity"][-1]["loss"]
+    for r in rows:
+        assert r["quartiles_never_selected"] is not None
+        summary = json.loads((tmp_path / "fair" / r["run_dir"].split("/")[-1] / "summary.json")
+                             .read_text())  # fmt: skip
+        assert "discovered" in summary["cohorts"] and "worst_cluster" in summary["cohorts"]
+    assert "| static | activity + ARW |" in (out_dir / "comparison.md").read_text()

@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+from sampling import draw_counts
 from scipy import stats
 
 from fedtrust.server.selection import (
@@ -15,12 +16,8 @@ COUNTS = np.array([1, 2, 4, 8, 16, 32, 0, 64], dtype=float)
 
 
 def _frequencies(selection, counts, k, draws=20_000, seed=0):
-    rng = np.random.default_rng(seed)
-    hits = np.zeros(len(counts))
-    for _ in range(draws):
-        chosen = selection.draw(counts, k, rng)
-        assert len(set(chosen.tolist())) == k  # without replacement
-        hits[chosen] += 1
+    hits = draw_counts(selection, counts, k, draws, seed)
+    assert hits.sum() == k * draws  # k distinct devices every round
     return hits
 
 

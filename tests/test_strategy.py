@@ -1,25 +1,16 @@
 """The strategy mixin's aggregation on hand-made replies (no network)."""
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
+from flower_fakes import FakeGrid, Reply
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedtrust.server.registry import DeviceRegistry
 from fedtrust.server.selection import UniformSelection
 from fedtrust.simulations.config import load_config
 from fedtrust.simulations.federation import make_strategy
-
-
-@dataclass
-class Reply:
-    content: RecordDict
-    error: object = None
-    metadata: object = field(default=None)
-
-    def has_error(self) -> bool:
-        return self.error is not None
 
 
 def _reply(device, value, n):
@@ -35,11 +26,6 @@ def _reply(device, value, n):
 
 
 pytestmark = pytest.mark.usefixtures("run_identity")
-
-
-class FakeGrid:
-    def get_node_ids(self):
-        return [100, 101, 102, 103]
 
 
 def _strategy(weighting, counts):

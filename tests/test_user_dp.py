@@ -5,10 +5,9 @@ Hand-made replies, no network. Every test states a property of what is released,
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import numpy as np
 import pytest
+from flower_fakes import FakeGrid, Reply
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdam
 
@@ -22,25 +21,7 @@ from fedtrust.simulations.federation import make_strategy
 DIM = 20
 
 
-@dataclass
-class Reply:
-    content: RecordDict
-    error: object = None
-    metadata: object = field(default=None)
-
-    def has_error(self) -> bool:
-        return self.error is not None
-
-
 pytestmark = pytest.mark.usefixtures("run_identity")
-
-
-class FakeGrid:
-    def __init__(self, n):
-        self.n = n
-
-    def get_node_ids(self):
-        return [100 + d for d in range(self.n)]
 
 
 def _cfg(n, k, *extra):
