@@ -140,6 +140,7 @@ class Discovery:
     embed_examples: int = 2000
     resamples: int = 1000
     seed: int = 0
+    public_only: bool = False  # split on activity only (counts are public under DP)
 
 
 def cohort_report(
@@ -176,6 +177,8 @@ def cohort_report(
     report["worst_gap"] = max(gaps.values()) if gaps else None
     if discovery is not None:
         attributes = device_attributes(task, population.parts)
+        if discovery.public_only:
+            attributes = {"activity": attributes["activity"]}
         found = attribute_cohorts(
             accuracy,
             attributes,
@@ -188,6 +191,7 @@ def cohort_report(
             "attributes": sorted(attributes),
             "cohorts": [c.to_dict() for c in found],
             "bottom_share": bottom_share(found),
+            "notes": _discovery_notes(source, discovery),
         }
         if discovery.clusters > 0:
             report["clusters"] = [c.to_dict() for c in held_out_clusters(task, model, discovery)]
@@ -245,6 +249,23 @@ def held_out_clusters(task: Task, model: nn.Module, discovery: Discovery) -> lis
         seed=discovery.seed,
         resamples=discovery.resamples,
     )
+
+
+def _discovery_notes(source: str, discovery: Discovery) -> list[str]:
+    notes = []
+    if source == "label mix":
+        notes.append(
+            "device accuracy is the per-intent test accuracy weighted by the device's label "
+            "mix, so label-mix splits restate which intents the model gets wrong, and their "
+            "intervals ignore the test set's own sampling noise"
+        )
+    if discovery.public_only:
+        notes.append(
+            "DP run: splits use activity only (example counts are public in the threat model); "
+            "the report is an evaluation by the simulator, which holds every device's data, "
+            "not a release covered by the run's epsilon"
+        )
+    return notes
 
 
 def _label_name(task: Task, label: int) -> str:

@@ -10,7 +10,8 @@ A run of T rounds with `CohortFinetune(rounds=R, ...)` has three parts:
 3. rounds T-R+1 .. T (the phase): at its first round `find_worst(counts, losses)` names the
    worst cohort from the remembered losses; its devices' selection weights are multiplied by
    `upweight` for the whole phase (`Upweighted`), and every device adds the EWC penalty
-   ewc_lambda / 2 * sum_j F_j (theta_j - theta_global_j)^2 to its loss, so fine-tuning for the
+   ewc_lambda / 2 * sum_j F_j (theta_j - theta_global_j)^2 to its loss, theta_global being the
+   model it received that round (a per-round anchor, as in FedCurv), so fine-tuning for the
    cohort moves mostly the parameters the rest of the population is insensitive to.
 
 No device reported a loss before the phase (they were not asked: `global_loss` off): every

@@ -10,7 +10,8 @@ of size `step` from lambda = 1, centred on the round's mean loss:
 
 so devices the global model serves worse than average count more in the average, better-served
 ones less, and equal losses leave the base weights unchanged. The adversary is *bounded*: every
-ratio lambda_i lies in [1/bound, bound]. Unbounded, the maximiser puts all weight on the single
+multiplier lambda_i lies in [1/bound, bound] (so two devices' relative weights change by at most
+bound**2). Unbounded, the maximiser puts all weight on the single
 worst device: one noisy, mislabelled or tiny device would then drive the global model, and the
 update's variance would grow without limit. The box is the likelihood-ratio ball of
 distributionally robust optimisation (as in Lahoti et al., 2020, whose adversary is also kept

@@ -178,7 +178,12 @@ class DeviceSampling:
             device = int(msg.content["device"]["device"])
             msg.content["metrics"][WEIGHT_KEY] = self._weight_of[device]
             if LOSS_KEY in msg.content["metrics"]:
-                self._losses[device] = float(msg.content["metrics"][LOSS_KEY])
+                loss = float(msg.content["metrics"][LOSS_KEY])
+                if not np.isfinite(loss):  # q-FFL and the adversary would turn it into NaN weights
+                    raise FederationError(
+                        f"round {server_round}: device {device} reported {LOSS_KEY} = {loss}"
+                    )
+                self._losses[device] = loss
         if self.reweighting is not None:
             self._reweight(ok)
         arrays, metrics = super().aggregate_train(server_round, ok)

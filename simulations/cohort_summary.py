@@ -27,6 +27,7 @@ def cohort_summary(
     rows: list[dict[str, Any]],
     settings: CohortConfig,
     seed: int = 0,
+    private: bool = False,
 ) -> dict[str, Any]:
     """Per-cohort accuracy of the final `model`, discovered cohorts; the summary's excerpt."""
     discovery = Discovery(
@@ -35,6 +36,7 @@ def cohort_summary(
         embed_examples=settings.embed_examples,
         resamples=settings.resamples,
         seed=seed,
+        public_only=private,
     )
     try:
         report = cohort_report(

@@ -170,12 +170,12 @@ def comparison_figure(
     fig = Figure(figsize=(5.5 * panels + 0.5, 4))
     axes = fig.subplots(1, panels, squeeze=False)[0]
     for ax, mode in zip(axes, modes):
-        for (run_mode, variant), rows in curves.items():
+        for (run_mode, variant), history in curves.items():
             if run_mode != mode:
                 continue
             ax.plot(
-                [r["round"] for r in rows],
-                [r[metric] for r in rows],
+                [r["round"] for r in history],
+                [r[metric] for r in history],
                 marker="o",
                 ms=2,
                 label=variant,

@@ -67,11 +67,11 @@ class MitigationConfig:
 
     reweighting: Literal["none", "adversarial"] = "none"  # ARW: up-weight high-loss devices
     arw_step: float = 1.0  # adversary's step on the devices' losses
-    arw_bound: float = 5.0  # a device's weight stays within [1/bound, bound] x its base weight
+    arw_bound: float = 5.0  # a device's multiplier stays within [1/bound, bound]
     finetune_rounds: int = 0  # last rounds: worst discovered cohort up-weighted, EWC penalty
     finetune_upweight: float = 4.0  # selection weight multiplier of the worst cohort's devices
     finetune_max_share: float = 0.25  # the cohort holds at most this share of the devices
-    ewc_lambda: float = 1.0  # strength of the EWC pull towards the pre-phase global model
+    ewc_lambda: float = 1.0  # strength of the EWC pull towards each phase round's global model
 
 
 @dataclass
@@ -277,6 +277,18 @@ def _validate_fairness(cfg: Config, require: Callable[[bool, str, str], None]) -
         not (m.reweighting == "adversarial" and cfg.selection.weighting == "unbiased"),
         "mitigation.reweighting",
         "{value!r} needs normalised weights; selection.weighting = 'unbiased' is not",
+    )
+    require(
+        m.finetune_rounds == 0 or cfg.selection.weighting in ("examples", "equal"),
+        "mitigation.finetune_rounds",
+        "{value} > 0 up-weights a cohort's selection, which selection.weighting = "
+        f"{cfg.selection.weighting!r} divides out again (use 'examples' or 'equal')",
+    )
+    require(
+        cfg.audit.federated_rounds == 0 or not needs_device_losses(cfg),
+        "audit.federated_rounds",
+        "{value} > 0 audits user-level DP runs, which refuse q-FFL, reweighting and "
+        "fine-tuning (their device losses are not covered): turn those off for the audit",
     )
     if cfg.privacy.enabled:
         # Device losses and Fisher diagonals would leave the device outside any DP mechanism.

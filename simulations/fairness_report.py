@@ -186,7 +186,7 @@ def cohort_markdown(report: dict[str, Any], metric: str = "accuracy") -> str:
     if found:
         w = found[0]
         lines += [
-            f"**Worst discovered cohort: {w['rule']}** — {w['devices']} devices "
+            f"**Worst discovered cohort: {w['rule'].replace('|', '/')}** — {w['devices']} devices "
             f"({w['device_share']:.0%}), mean device accuracy {_ci(w)} vs {w['rest_accuracy']:.4f} "
             f"for the rest (gap {w['gap']:.4f}).",
             "",
@@ -221,6 +221,8 @@ def discovered_markdown(report: dict[str, Any]) -> list[str]:
             "Worst first; 95 % bootstrap intervals over devices. Bottom-cohort share: "
             f"{share['device_share']:.0%} of devices, {share['example_share']:.0%} of examples.",
             "",
+            *[f"Note: {note}." for note in found.get("notes", [])],
+            *([""] if found.get("notes") else []),
             "| cohort | devices | examples | mean device accuracy [95 % CI] | rest | gap | note |",
             "|---|---|---|---|---|---|---|",
         ]
@@ -228,7 +230,7 @@ def discovered_markdown(report: dict[str, Any]) -> list[str]:
             lines.append("| no split with enough devices on both sides | | | | | | |")
         for c in found["cohorts"]:
             lines.append(
-                f"| {c['rule']} | {c['devices']} ({c['device_share']:.0%}) "
+                f"| {c['rule'].replace('|', '/')} | {c['devices']} ({c['device_share']:.0%}) "
                 f"| {c['examples']} ({c['example_share']:.0%}) | {_ci(c)} "
                 f"| {c['rest_accuracy']:.4f} | {c['gap']:.4f} "
                 f"| {_uncertain(c)} |"

@@ -14,7 +14,6 @@ from flwr.app import ConfigRecord
 
 from fedtrust.clients.budget import planned_participations
 from fedtrust.clients.settings import DeviceDP, TrainInstructions
-from fedtrust.fairness.discovery import attribute_cohorts
 from fedtrust.server.finetune import CohortFinetune
 from fedtrust.server.registry import DeviceRegistry
 from fedtrust.server.reweighting import AdversarialReweighting
@@ -39,30 +38,28 @@ def make_selection(selection: SelectionConfig) -> Selection:
 
 @dataclass(frozen=True)
 class WorstActivityCohort:
-    """The server's cohort discovery for fine-tuning: over what it knows of every device (its
-    example count) the split with the highest mean device loss (`fedtrust.fairness.discovery`)
-    among those holding at most `max_share` of the devices (up-weighting most of the population
-    is just another selection); devices that never reported a loss are members when their
-    activity falls in the cohort."""
+    """The server's cohort discovery for fine-tuning, over what it knows of every device (its
+    example count and last reported loss): the activity range (`<= t` or `> t`, t at quantiles)
+    holding at most `max_share` of the devices whose mean loss exceeds the rest's the most, with
+    at least `min_devices` devices that reported a loss on each side (up-weighting most of the
+    population is just another selection). Devices that never reported a loss are members when
+    their activity falls in the range; empty when no range qualifies."""
 
     min_devices: int
-    resamples: int
     max_share: float = 0.25
-    seed: int = 0
 
     def __call__(self, counts: np.ndarray, losses: np.ndarray) -> np.ndarray:
-        cohorts = attribute_cohorts(
-            -np.asarray(losses, float),  # higher is better, as for accuracy
-            {"activity": np.asarray(counts, float)},
-            np.asarray(counts, float),
-            min_devices=self.min_devices,
-            max_depth=1,
-            top=5,
-            resamples=self.resamples,
-            seed=self.seed,
-        )
-        small = [c for c in cohorts if c.device_share <= self.max_share]
-        return small[0].members if small else np.zeros(len(counts), bool)
+        counts, losses = np.asarray(counts, float), np.asarray(losses, float)
+        scored = np.isfinite(losses)
+        best, best_gap = np.zeros(len(counts), bool), 0.0
+        for t in np.unique(np.quantile(counts, np.linspace(0.02, 0.98, 49))):
+            for mask in (counts <= t, counts > t):
+                inside, rest = losses[mask & scored], losses[~mask & scored]
+                if mask.mean() > self.max_share or min(len(inside), len(rest)) < self.min_devices:
+                    continue
+                if (gap := inside.mean() - rest.mean()) > best_gap:
+                    best, best_gap = mask, gap
+        return best
 
 
 def mitigations(cfg: Config) -> dict:
@@ -76,9 +73,7 @@ def mitigations(cfg: Config) -> dict:
             rounds=m.finetune_rounds,
             upweight=m.finetune_upweight,
             ewc_lambda=m.ewc_lambda,
-            find_worst=WorstActivityCohort(
-                cfg.cohorts.min_devices, cfg.cohorts.resamples, m.finetune_max_share, cfg.run.seed
-            ),
+            find_worst=WorstActivityCohort(cfg.cohorts.min_devices, m.finetune_max_share),
         )
     return out
 

@@ -161,7 +161,9 @@ def finish_run(
         "final_subset": {k: v for k, v in rows[-1].items() if isinstance(v, float)},
         "best_round": max(rows, key=lambda r: r.get(metric, 0.0))["round"] if rows else None,
         "privacy": _privacy_summary(cfg, run_dir, rows),
-        "cohorts": cohort_summary(run_dir, population, model, rows, cfg.cohorts, cfg.run.seed),
+        "cohorts": cohort_summary(
+            run_dir, population, model, rows, cfg.cohorts, cfg.run.seed, cfg.privacy.enabled
+        ),
         "oos_rejection": oos_summary(population.task, model, cfg.server.oos_rejection),
         "seconds": seconds,
     }

@@ -200,6 +200,15 @@ def test_the_strategy_remembers_each_devices_last_loss():
     assert np.allclose(fairness["global_loss"], chosen)
 
 
+def test_a_non_finite_device_loss_stops_the_round_with_one_line():
+    counts = np.array([5, 5, 5, 5])
+    strategy = SampledQFedAvg(registry=_registry(counts), selection=UniformSelection(),
+                              devices_per_round=4, client_learning_rate=0.1, q=1.0)  # fmt: skip
+    models = {d: np.zeros(3) for d in range(4)}
+    with pytest.raises(FederationError, match=r"device 2 reported global_loss = nan"):
+        _round(strategy, np.zeros(3), models, {0: 1.0, 1: 1.0, 2: float("nan"), 3: 1.0}, counts)
+
+
 # -------------------------------------------------------------- device side, through the ClientApp
 
 

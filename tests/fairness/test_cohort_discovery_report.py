@@ -113,3 +113,14 @@ def test_intent_devices_are_described_by_their_label_mix():
     np.testing.assert_allclose(attributes["label entropy"], [0.0, 1.0])
     np.testing.assert_allclose(attributes["mean length"], [2.0, 3.0])
     np.testing.assert_allclose(attributes["activity"], [3, 2])
+
+
+def test_under_dp_discovery_splits_on_public_activity_only():
+    task, population, _ = _population()
+    metrics = [{"round": 0}]
+    private = Discovery(min_devices=8, clusters=0, resamples=200, public_only=True)
+    report = cohort_report(task, None, population, metrics, 4, private)
+    assert report["discovered"]["attributes"] == ["activity"]
+    assert all("north" not in c["rule"] for c in report["discovered"]["cohorts"])
+    assert any("not a release covered" in n for n in report["discovered"]["notes"])
+    assert "Note: DP run" in cohort_markdown(report)
