@@ -141,6 +141,7 @@ class Discovery:
     resamples: int = 1000
     seed: int = 0
     public_only: bool = False  # split on activity only (counts are public under DP)
+    max_share: float = 0.5  # a discovered cohort holds at most this share of the devices
 
 
 def cohort_report(
@@ -186,6 +187,7 @@ def cohort_report(
             min_devices=discovery.min_devices,
             resamples=discovery.resamples,
             seed=discovery.seed,
+            max_share=discovery.max_share,
         )
         report["discovered"] = {
             "attributes": sorted(attributes),

@@ -14,8 +14,8 @@
   depth): noise is not split further. The largest gap comes first; each further cohort (up to
   `top`, sorted by gap) is the one whose members not yet covered are most surely worse than the
   rest (highest lower confidence bound of their gap, Bonferroni over all candidates; > 0 with >=
-  `min_devices` new scored devices): no subset, diluted superset or fragment of a returned one.
-  `bottom_share`: the union's device and example share.
+  `min_devices` new scored devices): no subset, diluted superset or fragment of a returned one;
+  none over `max_share` of the devices. `bottom_share`: the union's device and example share.
 - `embedding_clusters`: k-means over the L2-normalised sentence embeddings of held-out examples;
   each cluster's accuracy, and the texts closest to its centroid to read what the cluster is. The
   server computes the embeddings on its own held-out examples: nothing leaves a device.
@@ -162,9 +162,10 @@ def attribute_cohorts(
     top: int = 3,
     resamples: int = 1000,
     seed: int = 0,
+    max_share: float = 1.0,
 ) -> list[Cohort]:
-    """The `top` worst cohorts by gap (largest first), found by the split search in the module
-    docstring; [] when no split is admissible or none has a positive gap."""
+    """The `top` worst cohorts by gap (largest first, each at most `max_share` of the devices),
+    found by the search in the module docstring; [] when none is admissible with a positive gap."""
     acc, ex = _check(accuracy, examples)
     if min_devices < 1 or max_depth < 1:
         raise FairnessError(f"min_devices and max_depth must be >= 1 ({min_devices}, {max_depth})")
@@ -177,7 +178,8 @@ def attribute_cohorts(
         cut = (1 - LEVEL) / max(sum(n for _, n in kids), 1)  # Bonferroni
         grown = [c for cs, _ in kids for c in cs if c.p < cut]
         frontier = _beam([c for c in grown if found.setdefault(c.mask.tobytes(), c) is c])
-    ranked = sorted(found.values(), key=lambda c: (-c.gap, len(c.conds), -c.mask.sum()))[:POOL]
+    small = [c for c in found.values() if c.mask.mean() <= max_share]
+    ranked = sorted(small, key=lambda c: (-c.gap, len(c.conds), -c.mask.sum()))[:POOL]
     picked = ranked[: int(top > 0)]
     while 0 < len(picked) < top:
         covered = np.logical_or.reduce([c.mask for c in picked]) & scored

@@ -37,6 +37,7 @@ def cohort_summary(
         resamples=settings.resamples,
         seed=seed,
         public_only=private,
+        max_share=settings.max_share,
     )
     try:
         report = cohort_report(

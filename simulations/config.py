@@ -80,6 +80,7 @@ class CohortConfig:
 
     quantiles: int = 4  # activity cohorts
     min_devices: int = 10  # smallest discovered cohort (scored devices) worth reporting
+    max_share: float = 0.5  # largest discovered cohort (share of devices): a failed minority
     clusters: int = 8  # k-means clusters of held-out sentence embeddings (0 = off)
     embed_examples: int = 2000  # held-out examples embedded for the clusters
     resamples: int = 1000  # bootstrap resamples of every confidence interval
@@ -302,6 +303,7 @@ def _validate_fairness(cfg: Config, require: Callable[[bool, str, str], None]) -
         require(m.finetune_rounds == 0, "mitigation.finetune_rounds", "{value} > 0 " + why)
     require(c.quantiles >= 2, "cohorts.quantiles", "must be >= 2, got {value}")
     require(c.min_devices >= 2, "cohorts.min_devices", "must be >= 2, got {value}")
+    require(0 < c.max_share <= 1, "cohorts.max_share", "must be in (0, 1], got {value}")
     require(c.clusters >= 0, "cohorts.clusters", "must be >= 0 (0 = off), got {value}")
     require(c.embed_examples >= 1, "cohorts.embed_examples", "must be >= 1, got {value}")
     require(c.resamples >= 100, "cohorts.resamples", "must be >= 100, got {value}")

@@ -231,3 +231,19 @@ def test_embedding_clusters_are_clamped_and_flagged() -> None:
     assert len(same) == 1 and same[0].size == 6  # one distinct row: one cluster
     with pytest.raises(FairnessError):
         embedding_clusters(x, correct, texts[:-1])
+
+
+def test_a_well_served_minoritys_complement_is_not_a_cohort() -> None:
+    # 10 % of the devices are served far better than everyone else: with max_share = 0.5 the
+    # 90 % "rest" is not reported as a failed cohort
+    rng = np.random.default_rng(3)
+    n = 300
+    length = rng.uniform(10, 60, n)
+    accuracy = np.where(length <= np.quantile(length, 0.1), 0.9, 0.5) + rng.normal(0, 0.02, n)
+    examples = np.full(n, 10.0)
+    unrestricted = attribute_cohorts(accuracy, {"length": length}, examples, min_devices=10)
+    assert unrestricted and unrestricted[0].device_share > 0.85
+    limited = attribute_cohorts(
+        accuracy, {"length": length}, examples, min_devices=10, max_share=0.5
+    )
+    assert all(c.device_share <= 0.5 for c in limited)
