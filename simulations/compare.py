@@ -21,6 +21,7 @@ from matplotlib.figure import Figure
 
 from .config import Config, validate
 from .config_files import apply
+from .fairness_report import short_rule
 from .report import write_report_files
 from .run_folder import read_metrics
 from .runner import simulate
@@ -148,7 +149,8 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
             f"| {r['mean_examples_per_round']:.0f} | {r['distinct_devices']} "
             f"| {_fmt(r.get('lightest_accuracy'))} | {_fmt(r.get('cohort_gap'))} "
             f"| {_fmt(r.get('lightest_never_selected'), '.0%')} "
-            f"| {_fmt(r.get('quartiles_never_selected'), 'd')} | {r.get('worst_cohort') or 'n/a'} "
+            f"| {_fmt(r.get('quartiles_never_selected'), 'd')} "
+            f"| {short_rule(r['worst_cohort']) if r.get('worst_cohort') else 'n/a'} "
             f"| {_fmt(r.get('worst_cohort_accuracy'))} | {_fmt(r.get('worst_cohort_gap'))} |"
         )
     return "\n".join(lines) + "\n"

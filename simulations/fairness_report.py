@@ -9,6 +9,7 @@ figure for a caller (or a test) to inspect.
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -186,7 +187,7 @@ def cohort_markdown(report: dict[str, Any], metric: str = "accuracy") -> str:
     if found:
         w = found[0]
         lines += [
-            f"**Worst discovered cohort: {w['rule'].replace('|', '/')}** — {w['devices']} devices "
+            f"**Worst discovered cohort: {short_rule(w['rule'])}** — {w['devices']} devices "
             f"({w['device_share']:.0%}), mean device accuracy {_ci(w)} vs {w['rest_accuracy']:.4f} "
             f"for the rest (gap {w['gap']:.4f}).",
             "",
@@ -230,7 +231,7 @@ def discovered_markdown(report: dict[str, Any]) -> list[str]:
             lines.append("| no split with enough devices on both sides | | | | | | |")
         for c in found["cohorts"]:
             lines.append(
-                f"| {c['rule'].replace('|', '/')} | {c['devices']} ({c['device_share']:.0%}) "
+                f"| {short_rule(c['rule'])} | {c['devices']} ({c['device_share']:.0%}) "
                 f"| {c['examples']} ({c['example_share']:.0%}) | {_ci(c)} "
                 f"| {c['rest_accuracy']:.4f} | {c['gap']:.4f} "
                 f"| {_uncertain(c)} |"
@@ -249,6 +250,19 @@ def discovered_markdown(report: dict[str, Any]) -> list[str]:
             lines.append(f"| {c['cluster']} | {c['size']}{note} | {_ci(c)} | {texts} |")
         lines.append("")
     return lines
+
+
+def short_rule(rule: str, values: int = 4) -> str:
+    """A cohort rule for a table cell: long value sets cut to their first `values` (the full
+    rule stays in the JSON), no `|` to break the table."""
+
+    def cut(match: re.Match) -> str:
+        items = match.group(1).split(", ")
+        if len(items) <= values:
+            return match.group(0)
+        return "{" + ", ".join(items[:values]) + f", … +{len(items) - values} more}}"
+
+    return re.sub(r"\{([^}]*)\}", cut, rule).replace("|", "/")
 
 
 def _uncertain(cohort: dict[str, Any]) -> str:

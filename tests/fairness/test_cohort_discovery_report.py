@@ -8,7 +8,11 @@ import numpy as np
 
 from fedtrust.fairness.cohorts import Discovery, cohort_report, device_attributes
 from fedtrust.simulations.cohort_summary import summary_excerpt
-from fedtrust.simulations.fairness_report import cohort_markdown, write_cohort_report
+from fedtrust.simulations.fairness_report import (
+    cohort_markdown,
+    short_rule,
+    write_cohort_report,
+)
 
 
 @dataclass
@@ -124,3 +128,10 @@ def test_under_dp_discovery_splits_on_public_activity_only():
     assert all("north" not in c["rule"] for c in report["discovered"]["cohorts"])
     assert any("not a release covered" in n for n in report["discovered"]["notes"])
     assert "Note: DP run" in cohort_markdown(report)
+
+
+def test_long_value_sets_are_cut_in_tables_but_kept_in_the_json():
+    rule = "top intent share > 0.14 and top intent in {a, b, c, d, e, f}"
+    assert short_rule(rule) == "top intent share > 0.14 and top intent in {a, b, c, d, … +2 more}"
+    assert short_rule("region in {north, south}") == "region in {north, south}"
+    assert short_rule("region = a|b") == "region = a/b"
