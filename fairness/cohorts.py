@@ -49,10 +49,16 @@ class DevicePopulation(Protocol):
 
 
 def device_accuracy(
-    task: Task, model: nn.Module, parts: list[np.ndarray], names: list[str], batch_size: int = 256
+    task: Task,
+    model: nn.Module,
+    parts: list[np.ndarray],
+    names: list[str],
+    batch_size: int = 256,
+    test_hits: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, str]:
-    """(accuracy per device, NaN where unknown; how it was measured)."""
-    hits, units = task.example_hits(model, task.test, batch_size)
+    """(accuracy per device, NaN where unknown; how it was measured). `test_hits`: the model's
+    `task.example_hits` on `task.test`, when the caller already has them."""
+    hits, units = test_hits or task.example_hits(model, task.test, batch_size)
     index = {name: d for d, name in enumerate(names)}
     owner = np.asarray([index.get(str(r.get("device")), -1) for r in task.test])
     known = owner >= 0
@@ -154,7 +160,10 @@ def cohort_report(
 ) -> dict[str, Any]:
     """Cohort tables by activity and by the data's device attribute, for one run; with
     `discovery`, also the worst discovered cohorts and embedding clusters."""
-    accuracy, source = device_accuracy(task, model, population.parts, population.names)
+    test_hits = task.example_hits(model, task.test)  # one pass, for devices and clusters
+    accuracy, source = device_accuracy(
+        task, model, population.parts, population.names, test_hits=test_hits
+    )
     history = [r for r in metrics if r.get("round", 0) > 0]
     selections = np.zeros(population.size)
     for r in history:
@@ -196,7 +205,8 @@ def cohort_report(
             "notes": _discovery_notes(source, discovery),
         }
         if discovery.clusters > 0:
-            report["clusters"] = [c.to_dict() for c in held_out_clusters(task, model, discovery)]
+            clusters = held_out_clusters(task, model, discovery, test_hits)
+            report["clusters"] = [c.to_dict() for c in clusters]
     return report
 
 
@@ -233,16 +243,23 @@ def device_attributes(task: Task, parts: list[np.ndarray]) -> dict[str, np.ndarr
     return out
 
 
-def held_out_clusters(task: Task, model: nn.Module, discovery: Discovery) -> list:
+def held_out_clusters(
+    task: Task,
+    model: nn.Module,
+    discovery: Discovery,
+    test_hits: tuple[np.ndarray, np.ndarray],
+) -> list:
     """k-means clusters of the model's embeddings of (up to `embed_examples`) test rows, worst
-    first: computed by the server on its own held-out data, nothing leaves a device."""
+    first: computed by the server on its own held-out data, nothing leaves a device.
+    `test_hits`: the model's `task.example_hits` on `task.test`."""
     rng = np.random.default_rng(discovery.seed)
     take = min(discovery.embed_examples, len(task.test))
-    rows = [task.test[i] for i in np.sort(rng.choice(len(task.test), take, replace=False))]
+    chosen = np.sort(rng.choice(len(task.test), take, replace=False))
+    rows = [task.test[i] for i in chosen]
     if len(rows) < 2:
         return []
-    hits, units = task.example_hits(model, rows)
-    correct = hits / np.maximum(units, 1)
+    hits, units = test_hits
+    correct = hits[chosen] / np.maximum(units[chosen], 1)
     return embedding_clusters(
         task.embed(model, rows),
         correct,
