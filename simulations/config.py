@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from fedtrust.clients.device_data import StorageSettings
+from fedtrust.clients.faults import FaultSettings
 from fedtrust.clients.settings import ClientSettings
 from fedtrust.errors import ConfigError
 from fedtrust.tasks import TaskSpec
@@ -48,7 +49,15 @@ class SelectionConfig:
 
 @dataclass
 class ServerConfig:
-    aggregation: Literal["fedavg", "fedadam", "qfedavg"] = "fedavg"
+    aggregation: Literal[
+        "fedavg", "fedadam", "qfedavg", "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan"
+    ] = "fedavg"
+    trim_beta: float = 0.2  # fedtrimmedavg: share cut from each end, per coordinate
+    malicious: int = 0  # krum, multikrum, bulyan: devices per round assumed malicious
+    max_update_norm: float = 0.0  # > 0: each reply's update is scaled down to this L2 norm
+    min_replies: int = 1  # a round needs this many usable replies, else it is retried
+    retries: int = 1  # fresh selections of a round with too few replies before it is skipped
+    round_timeout: float = 0.0  # seconds to wait for replies (0 = no limit); late = failed
     q: float = 0.2  # qfedavg: fairness exponent of q-FFL (0 = FedAvg-like)
     qffl_lr: float = 0.0  # qfedavg: L = 1 / qffl_lr (0 = client.lr, the paper's SGD devices)
     rounds: int = 12
@@ -134,6 +143,8 @@ class RunConfig:
     seed: int = 0
     output_dir: str = "runs"
     name: str = ""  # run folder name (default: derived from the time)
+    ray_address: str = ""  # attach to this Ray cluster ("auto", "ip:6379"); "" = start a local one
+    tensorboard: bool = False  # also write the per-round metrics as TensorBoard events
 
 
 @dataclass
@@ -148,6 +159,7 @@ class Config(Sections):
     audit: AuditConfig = field(default_factory=AuditConfig)
     mitigation: MitigationConfig = field(default_factory=MitigationConfig)
     cohorts: CohortConfig = field(default_factory=CohortConfig)
+    faults: FaultSettings = field(default_factory=FaultSettings)
     run: RunConfig = field(default_factory=RunConfig)
 
 
@@ -210,6 +222,7 @@ def validate(cfg: Config) -> None:
     require(v.q >= 0, "server.q", "must be >= 0, got {value}")
     require(v.qffl_lr >= 0, "server.qffl_lr", "must be >= 0 (0 = client.lr), got {value}")
     _validate_fairness(cfg, require)
+    _validate_robustness(cfg, require)
     q = cfg.privacy
     require(q.target_epsilon >= 0, "privacy.target_epsilon", "must be > 0 (0 = off), got {value}")
     require(0 <= q.target_delta < 1, "privacy.target_delta", "must be in [0, 1), got {value}")
@@ -250,6 +263,49 @@ def validate(cfg: Config) -> None:
     )
     require(a.one_run_canaries >= 0, "audit.one_run_canaries", "must be >= 0, got {value}")
     require(a.search_budget >= 1, "audit.search_budget", "must be >= 1, got {value}")
+
+
+def _validate_robustness(cfg: Config, require: Callable[[bool, str, str], None]) -> None:
+    v, f, k = cfg.server, cfg.faults, cfg.selection.devices_per_round
+    require(0 <= v.trim_beta < 0.5, "server.trim_beta", "must be in [0, 0.5), got {value}")
+    require(v.malicious >= 0, "server.malicious", "must be >= 0, got {value}")
+    require(
+        v.aggregation not in ("krum", "multikrum") or k > 2 * v.malicious + 2,
+        "server.malicious",
+        f"{{value}}: Krum needs selection.devices_per_round > 2 * malicious + 2 (got {k})",
+    )
+    require(
+        v.aggregation != "bulyan" or k > 4 * v.malicious + 2,
+        "server.malicious",
+        f"{{value}}: Bulyan needs selection.devices_per_round > 4 * malicious + 2 (got {k})",
+    )
+    require(v.max_update_norm >= 0, "server.max_update_norm", "must be >= 0 (0 = off), got {value}")
+    require(
+        1 <= v.min_replies <= k,
+        "server.min_replies",
+        f"must be in [1, selection.devices_per_round = {k}], got {{value}}",
+    )
+    require(v.retries >= 0, "server.retries", "must be >= 0, got {value}")
+    require(
+        v.round_timeout >= 0, "server.round_timeout", "must be >= 0 (0 = no limit), got {value}"
+    )
+    robust = ("fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
+    require(
+        not (cfg.privacy.enabled and cfg.privacy.level == "user" and v.aggregation in robust),
+        "server.aggregation",
+        "{value!r}: user-level DP releases one clipped, noised mean (its clip already bounds "
+        "every device); use fedavg or fedadam",
+    )
+    require(
+        v.aggregation not in robust or cfg.mitigation.reweighting == "none",
+        "mitigation.reweighting",
+        f"{{value!r}} reweights a mean; server.aggregation = {v.aggregation!r} is not one",
+    )
+    for name in ("crash", "slow", "nan", "malformed"):
+        require(0 <= getattr(f, name) <= 1, f"faults.{name}", "must be in [0, 1], got {value}")
+    require(f.slow_seconds >= 0, "faults.slow_seconds", "must be >= 0, got {value}")
+    require(f.byzantine >= 0, "faults.byzantine", "must be >= 0, got {value}")
+    require(f.attack_scale > 0, "faults.attack_scale", "must be > 0, got {value}")
 
 
 def _validate_fairness(cfg: Config, require: Callable[[bool, str, str], None]) -> None:

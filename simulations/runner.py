@@ -32,8 +32,10 @@ from .cohort_summary import cohort_summary, oos_summary
 from .config import Config, ConfigError
 from .federation import device_instructions, make_strategy
 from .population import Population, PopulationSource, cached_population
+from .ray_backend import backend_config
 from .report import plot_curves, write_summary
 from .run_folder import METRICS_FILE, MODEL_FOLDER, read_metrics, write_config
+from .tensorboard import TensorBoardLog
 
 AUDIT_FILE = "privacy_audit.json"
 DEVICE_PRIVACY_FILE = "device_privacy.json"
@@ -110,6 +112,8 @@ def build_federation(
     warning = {"noise": REPRODUCIBLE_NOISE_WARNING}
     extra = warning if cfg.privacy.enabled and cfg.privacy.reproducible_noise else {}
     callbacks: list[RoundCallback] = [MetricsLog(run_dir, extra)]
+    if cfg.run.tensorboard:
+        callbacks.append(TensorBoardLog(run_dir))
     if on_round is not None:
         callbacks.append(RoundHookCallback(on_round))
     s = cfg.server
@@ -220,21 +224,12 @@ def simulate(
         save_results(federation, result, population)
         finished.append((federation, result))
 
-    backend_config = {
-        "client_resources": {"num_cpus": cfg.client.num_cpus, "num_gpus": cfg.client.num_gpus},
-        "init_args": {
-            "num_cpus": max(os.cpu_count() or 1, cfg.client.num_cpus),
-            "include_dashboard": False,
-            "logging_level": logging.ERROR,
-            "log_to_driver": False,  # device errors come back in their reply messages
-        },
-    }
     _quiet_flower()
     run_simulation(
         server_app=make_server_app(build, on_result),
         client_app=make_client_app(PopulationSource(cfg.to_dict())),
         num_supernodes=population.size,
-        backend_config=backend_config,
+        backend_config=backend_config(cfg),
     )
     if not finished:
         raise FederationError(f"the simulation stopped before its last round; see {run_dir}")
