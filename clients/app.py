@@ -17,11 +17,13 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedtrust.errors import ConfigError
 from fedtrust.privacy.accounting import resolve_delta
 from fedtrust.tasks import Task, load_trainable_state, trainable_state
 
 from .budget import STATE_DIR, BudgetStore, DeviceBudget
-from .settings import DeviceDP, FinetuneRequest, TrainInstructions
+from .faults import FaultInjector
+from .settings import ClientSettings, DeviceDP, FinetuneRequest, TrainInstructions
 from .train import EWCPenalty, LocalDP, fisher_diagonal, global_model_loss, train_local
 
 
@@ -90,10 +92,15 @@ def train_device(source: DeviceData, device: int, msg: Message, context: Context
     settings = TrainInstructions.from_record(record)
     request = FinetuneRequest.from_record(record, settings.dp)
     server_round = int(record["server-round"])
+    faults = None
+    if settings.faults is not None:
+        faults = FaultInjector(settings.faults, settings.seed, server_round, device)
+        faults.before_training()
     torch.set_num_threads(max(1, settings.client.num_cpus))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     rows = source.rows(device, server_round)
-    model = _model(source, settings.seed)
+    on = torch_device(settings.client)  # cpu, or cuda with client.num_gpus > 0
+    model = _model(source, settings.seed).to(on)  # the cached model stays there
     load_trainable_state(model, msg.content["arrays"].to_torch_state_dict())
     seed = hash((settings.seed, server_round, device)) % 2**31
     info: dict[str, Any] = {"device": device, "available": len(rows)}  # public metadata
@@ -105,11 +112,12 @@ def train_device(source: DeviceData, device: int, msg: Message, context: Context
             metrics["global_loss"] = global_model_loss(model, source.task, rows, batch_size)
         if request.fisher:
             fisher = fisher_diagonal(model, source.task, rows, batch_size)
-            extra["fisher"] = ArrayRecord({k: v.clone() for k, v in fisher.items()})
+            extra["fisher"] = ArrayRecord({k: v.cpu().clone() for k, v in fisher.items()})
         penalty = None
         if request.ewc_lambda is not None:
             anchor = {k: v.clone() for k, v in trainable_state(model).items()}
             fisher = msg.content["fisher"].to_torch_state_dict()
+            fisher = {k: v.to(on) for k, v in fisher.items()}
             penalty = EWCPenalty(fisher, anchor, request.ewc_lambda)
         result = train_local(model, source.task, rows, settings.client, seed, penalty=penalty)
         metrics["num-examples"] = len(rows)
@@ -136,15 +144,33 @@ def train_device(source: DeviceData, device: int, msg: Message, context: Context
             **{"noise-multiplier": result.noise_multiplier},
             **{"budget-exhausted": budget.exhausted},
         )
+    weights = {k: v.cpu().clone() for k, v in trainable_state(model).items()}
+    if faults is not None:
+        received = msg.content["arrays"].to_torch_state_dict()
+        weights = faults.corrupt(weights, received)
     reply = RecordDict(
         {
-            "arrays": ArrayRecord({k: v.clone() for k, v in trainable_state(model).items()}),
+            "arrays": ArrayRecord(weights),
             **extra,
             "metrics": MetricRecord(metrics),
             "device": ConfigRecord(info),
         }
     )
     return Message(reply, reply_to=msg)
+
+
+def torch_device(settings: ClientSettings) -> torch.device:
+    """Where a device trains: `cuda` when the run gives each ClientApp a GPU share
+    (client.num_gpus > 0; Ray points the actor's CUDA_VISIBLE_DEVICES at its GPU), else the CPU."""
+    if settings.num_gpus <= 0:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError(
+            f"client.num_gpus: {settings.num_gpus} but CUDA is not available on this device "
+            f"(torch {torch.__version__}, "
+            f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})"
+        )
+    return torch.device("cuda")
 
 
 def _model(source: DeviceData, seed: int) -> torch.nn.Module:

@@ -5,11 +5,15 @@ at round 1, then Poisson(`arrival_rate` x stream length) new ones each round unt
 dry. When storage holds more than `capacity` examples, the oldest (fifo) or random ones are deleted.
 Everything is a pure function of (seed, device, round), so the server's metadata, the device and a
 resumed run all agree without sharing state.
+
+The arrivals of a whole population are drawn as one vector per round (`ArrivalSchedule`): the
+server's per-round metadata (every device's count) costs a few numpy operations, not one Python
+object per device, and a device's own storage (`DeviceStore`) is built only when it is asked.
 """
 
 from __future__ import annotations
 
-import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -27,14 +31,59 @@ class StorageSettings:
     eviction: Literal["fifo", "random"] = "fifo"
 
 
+class ArrivalSchedule:
+    """How many examples have arrived on every device by each round, for a population whose
+    devices hold `sizes` examples in all (their stream lengths); drawn from `key` and the round.
+    """
+
+    def __init__(self, sizes: np.ndarray, settings: StorageSettings, key: Sequence[int]) -> None:
+        self.sizes = np.asarray(sizes, dtype=np.int64)
+        self.settings, self.key = settings, list(key)
+        self._arrived = [np.zeros(len(self.sizes), dtype=np.int64)]  # [r]: after round r
+
+    def arrived(self, server_round: int) -> np.ndarray:
+        """Examples arrived on each device by `server_round` (all of them in static mode)."""
+        if self.settings.mode == "static":
+            return self.sizes
+        while len(self._arrived) <= server_round:
+            r = len(self._arrived)
+            if r == 1:
+                fraction = self.settings.initial_fraction
+                new = np.maximum(1, np.ceil(fraction * self.sizes).astype(np.int64))
+            else:
+                rng = np.random.default_rng([*self.key, r, 0xA771])
+                new = rng.poisson(self.settings.arrival_rate * self.sizes)
+            self._arrived.append(np.minimum(self._arrived[-1] + new, self.sizes))
+        return self._arrived[server_round]
+
+    def counts(self, server_round: int) -> np.ndarray:
+        """Examples each device holds in `server_round`: arrived, up to the storage cap."""
+        arrived = self.arrived(server_round)
+        cap = self.settings.capacity
+        return np.minimum(arrived, cap) if cap > 0 and self.settings.mode != "static" else arrived
+
+
 class DeviceStore:
-    """One device's storage, advanced round by round."""
+    """One device's storage, advanced round by round.
+
+    `arrived(r)`: how many of its examples have arrived by round r (the population's
+    `ArrivalSchedule`); by default a schedule of this device alone, drawn from (seed, device).
+    """
 
     def __init__(
-        self, stream: np.ndarray, settings: StorageSettings, seed: int, device: int
+        self,
+        stream: np.ndarray,
+        settings: StorageSettings,
+        seed: int,
+        device: int,
+        arrived: Callable[[int], int] | None = None,
     ) -> None:
         self.settings = settings
         self.seed, self.device = seed, device
+        if arrived is None:
+            alone = ArrivalSchedule(np.array([len(stream)]), settings, [seed, device])
+            arrived = lambda r: int(alone.arrived(r)[0])  # noqa: E731
+        self._arrived_by = arrived
         self.static = settings.mode == "static"
         order = np.random.default_rng([seed, device, 0]).permutation(len(stream))
         self.stream = np.asarray(stream)[order] if not self.static else np.asarray(stream)
@@ -52,13 +101,8 @@ class DeviceStore:
     def _step(self) -> None:
         if self.static:
             return
-        n = len(self.stream)
         rng = np.random.default_rng([self.seed, self.device, self.round])
-        if self.round == 1:
-            new = max(1, math.ceil(self.settings.initial_fraction * n))
-        else:
-            new = int(rng.poisson(self.settings.arrival_rate * n))
-        new = min(new, n - self.arrived)
+        new = self._arrived_by(self.round) - self.arrived
         self.stored.extend(range(self.arrived, self.arrived + new))
         self.arrived += new
         excess = len(self.stored) - self.settings.capacity if self.settings.capacity > 0 else 0

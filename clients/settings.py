@@ -17,6 +17,8 @@ from typing import Any, Literal
 
 from flwr.app import ConfigRecord
 
+from .faults import FaultSettings
+
 
 @dataclass
 class ClientSettings:
@@ -58,6 +60,7 @@ class TrainInstructions:
     # (metric "global_loss": what q-FFL, reweighting and cohort fine-tuning read); never under
     # DP, where no mechanism covers it
     global_loss: bool = False
+    faults: FaultSettings | None = None  # simulated faults to inject (robustness studies)
 
     def __post_init__(self) -> None:
         if self.global_loss and self.dp is not None:
@@ -73,11 +76,13 @@ class TrainInstructions:
         fields |= {f"client.{k}": v for k, v in dataclasses.asdict(self.client).items()}
         if self.dp is not None:
             fields |= {f"dp.{k}": v for k, v in dataclasses.asdict(self.dp).items()}
+        if self.faults is not None:
+            fields |= {f"faults.{k}": v for k, v in dataclasses.asdict(self.faults).items()}
         return ConfigRecord(fields)
 
     @classmethod
     def from_record(cls, record: ConfigRecord) -> TrainInstructions:
-        dp = _section(record, "dp.")
+        dp, faults = _section(record, "dp."), _section(record, "faults.")
         return cls(
             client=ClientSettings(**_section(record, "client.")),
             seed=int(record["seed"]),
@@ -85,6 +90,7 @@ class TrainInstructions:
             dp=DeviceDP(**dp) if dp else None,
             report_loss=bool(record["report-loss"]),
             global_loss=bool(record.get("global-loss", False)),
+            faults=FaultSettings(**faults) if faults else None,
         )
 
 

@@ -103,7 +103,12 @@ def train_local(
     if dp is None:
         rng = np.random.default_rng(seed)
         epochs = settings.epochs if settings.steps == 0 else 10**9
-        batches = (b for _ in range(epochs) for b in task.batches(rows, settings.batch_size, rng))
+        device = _device_of(model)
+        batches = (
+            to_device(b, device)
+            for _ in range(epochs)
+            for b in task.batches(rows, settings.batch_size, rng)
+        )
         done = train_steps(
             optimizer,
             batches,
@@ -122,7 +127,11 @@ def global_model_loss(
     """The model's mean per-row loss over `rows` (`task.sample_losses`, every row once, in eval
     mode: no dropout), NaN without rows."""
     model.eval()
-    total = sum(float(task.sample_losses(model, b).sum()) for b in task.batches(rows, batch_size))
+    device = _device_of(model)
+    total = sum(
+        float(task.sample_losses(model, to_device(b, device)).sum())
+        for b in task.batches(rows, batch_size)
+    )
     return total / len(rows) if rows else float("nan")
 
 
@@ -141,9 +150,9 @@ def fisher_diagonal(
     model.eval()
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     fisher = {n: torch.zeros_like(p) for n, p in params.items()}
-    batches = 0
+    batches, device = 0, _device_of(model)
     for batch in task.batches(rows, batch_size):
-        loss = task.sample_losses(model, batch).mean()
+        loss = task.sample_losses(model, to_device(batch, device)).mean()
         grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
         for name, grad in zip(params, grads):
             if grad is not None:
@@ -168,6 +177,15 @@ class EWCPenalty:
         return self.ewc_lambda / 2 * total
 
 
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """A collated batch with its tensors on `device` (the model's); other values as they are."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
 def sample_rate(num_rows: int, batch_size: int) -> float:
     """The Poisson sampling rate of local DP-SGD: one expected batch of `batch_size` rows."""
     return 1 / math.ceil(num_rows / min(batch_size, num_rows))
@@ -182,6 +200,7 @@ def _train_private(
     seed: int,
     dp: LocalDP,
 ) -> LocalResult:
+    device = _device_of(model)
     generator = torch.Generator().manual_seed(seed) if dp.reproducible else None
     loader = DataLoader(
         rows, batch_size=min(settings.batch_size, len(rows)), shuffle=True, collate_fn=task.collate
@@ -217,7 +236,7 @@ def _train_private(
         train_steps(
             optimizer,
             batches,
-            lambda b: task.sample_losses(model, b).sum(),
+            lambda b: task.sample_losses(model, to_device(b, device)).sum(),
             max_steps=settings.steps,
             reduction="sum",
             progress=progress,

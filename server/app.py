@@ -29,6 +29,8 @@ class Federation:
     num_devices: int
     device_config: ConfigRecord  # sent to every device with every message
     callbacks: Sequence[RoundCallback] = field(default_factory=tuple)
+    round_timeout: float = 0.0  # seconds a round waits for its replies (0 = no limit)
+    retries: int = 1  # fresh selections of a round with too few usable replies
 
 
 def make_server_app(
@@ -49,6 +51,8 @@ def make_server_app(
             num_devices=federation.num_devices,
             device_config=federation.device_config,
             callbacks=federation.callbacks,
+            timeout=federation.round_timeout,
+            retries=federation.retries,
         )
         on_result(federation, result)
 

@@ -79,6 +79,9 @@ class PrivacyLedger:
         return cls({int(d): DevicePrivacy(**p) for d, p in data.items()})
 
 
+QUERY = MessageType.QUERY
+
+
 class DeviceRegistry:
     def __init__(
         self,
@@ -123,9 +126,18 @@ class DeviceRegistry:
                     self.ledger.devices[device] = DevicePrivacy.from_reply(info)
 
     def check_in(
-        self, grid: Grid, config: ConfigRecord, expected: int, timeout: float = 600.0
+        self,
+        grid: Grid,
+        config: ConfigRecord,
+        expected: int,
+        timeout: float = 600.0,
+        chunk: int = 1000,
     ) -> None:
-        """Wait for `expected` nodes, then ask each once which device it is and what it holds."""
+        """Wait for `expected` nodes, then ask each once which device it is and what it holds.
+
+        The questions go out `chunk` at a time: a grid's reply polling checks every message
+        still pending, so one batch of 100,000 would cost O(N^2); chunks keep it O(N).
+        """
         deadline = time.monotonic() + timeout
         while len(nodes := list(grid.get_node_ids())) < expected:
             if time.monotonic() > deadline:
@@ -134,11 +146,14 @@ class DeviceRegistry:
                 )
             time.sleep(0.2)
         config = ConfigRecord({**config, "server-round": 1})
-        messages = [
-            Message(RecordDict({"config": config}), dst_node_id=n, message_type=MessageType.QUERY)
-            for n in nodes
-        ]
-        for reply in grid.send_and_receive(messages, timeout=timeout):
+        replies: list[Message] = []
+        for start in range(0, len(nodes), chunk):
+            messages = [
+                Message(RecordDict({"config": config}), dst_node_id=n, message_type=QUERY)
+                for n in nodes[start : start + chunk]
+            ]
+            replies += grid.send_and_receive(messages, timeout=timeout)
+        for reply in replies:
             if reply.has_error():
                 raise FederationError(f"device check-in failed: {reply.error.reason}")
             info = reply.content["device"]

@@ -31,6 +31,7 @@ from fedtrust.errors import FederationError
 
 from .finetune import FISHER_KEY, CohortFinetune, Upweighted, average_fisher, take_fisher
 from .registry import DeviceRegistry
+from .replies import Failure, TooFewReplies, bound_update, screen_replies
 from .reweighting import AdversarialReweighting
 from .selection import Selection, aggregation_weights
 from .user_dp import DPFedAvg
@@ -93,6 +94,9 @@ class DeviceSampling:
         reweighting: AdversarialReweighting | None = None,
         finetune: CohortFinetune | None = None,
         total_rounds: int = 0,
+        min_replies: int = 1,
+        max_update_norm: float = 0.0,
+        round_timeout: float = 0.0,
         **flower_kwargs: Any,
     ) -> None:
         if reweighting is not None and (user_dp is not None or weighting == "unbiased"):
@@ -117,7 +121,12 @@ class DeviceSampling:
         self.weighting = "equal" if user_dp is not None else weighting
         self.user_dp = user_dp
         self.reweighting, self.finetune, self.total_rounds = reweighting, finetune, total_rounds
+        self.min_replies, self.max_update_norm = min_replies, max_update_norm
+        self.round_timeout = round_timeout
+        self.attempt = 0  # the round's retry (set by the round loop): a fresh selection
         self.last_selection: dict[str, list | int] = {}
+        self.last_failures: list[Failure] = []
+        self._expected: dict[int, int] = {}  # node -> device asked to train this round
         self._losses: dict[int, float] = {}  # device -> its last reported global_loss
         self._cohort: np.ndarray | None = None  # the fine-tuning phase's cohort, once named
         self._fisher: dict[str, np.ndarray] | None = None  # the averaged Fisher diagonal
@@ -133,7 +142,8 @@ class DeviceSampling:
             if self._cohort is None:
                 self._cohort = self.finetune.cohort(counts, self.device_losses())
             selection = Upweighted(selection, self._cohort, self.finetune.upweight)
-        rng = np.random.default_rng([self.seed, server_round])
+        key = [self.seed, server_round] + ([self.attempt] if self.attempt else [])
+        rng = np.random.default_rng(key)
         chosen, inclusion = selection.select(counts, self.devices_per_round, rng)
         weights = aggregation_weights(self.weighting, counts, chosen, inclusion)
         self._weight_of = {int(d): float(w) for d, w in zip(chosen, weights)}
@@ -153,6 +163,7 @@ class DeviceSampling:
             fields, fisher = self.finetune.fields(server_round, self.total_rounds, self._fisher)
             config.update(fields)
         nodes = [self.registry.node_of_device[int(d)] for d in chosen]
+        self._expected = {n: int(d) for n, d in zip(nodes, chosen)}
         messages = list(
             super().configure_train(server_round, arrays, config, ChosenNodes(grid, nodes))
         )
@@ -164,26 +175,27 @@ class DeviceSampling:
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies = list(replies)
-        self.registry.update(replies)
-        if self.user_dp is not None:
-            return self._aggregate_private(server_round, replies)
-        ok = [m for m in replies if not m.has_error()]
-        if not ok:
-            _raise_all_failed(server_round, replies)
-        # A fixed order makes the floating-point sum, and so a resumed run, reproducible.
-        ok.sort(key=lambda m: int(m.content["device"]["device"]))
+        # Sorted by device: a fixed order makes the floating-point sum, and so a resumed run,
+        # reproducible.
+        ok, self.last_failures = screen_replies(
+            replies, self._expected, self._global, self.round_timeout
+        )
+        self.registry.update(ok)
+        if self.user_dp is not None:  # a dropped reply counts as a device that sent nothing
+            return self._aggregate_private(server_round, ok)
+        if len(ok) < self.min_replies:
+            raise TooFewReplies(server_round, len(ok), self.min_replies, self.last_failures)
+        if self.max_update_norm > 0:
+            for msg in ok:
+                msg.content[self.arrayrecord_key] = bound_update(
+                    msg.content[self.arrayrecord_key], self._global, self.max_update_norm
+                )
         self._keep_fisher(server_round, ok)  # Flower's strategies expect one ArrayRecord
         for msg in ok:
             device = int(msg.content["device"]["device"])
             msg.content["metrics"][WEIGHT_KEY] = self._weight_of[device]
-            if LOSS_KEY in msg.content["metrics"]:
-                loss = float(msg.content["metrics"][LOSS_KEY])
-                if not np.isfinite(loss):  # q-FFL and the adversary would turn it into NaN weights
-                    raise FederationError(
-                        f"round {server_round}: device {device} reported {LOSS_KEY} = {loss}"
-                    )
-                self._losses[device] = loss
+            if LOSS_KEY in msg.content["metrics"]:  # finite: screen_replies dropped the rest
+                self._losses[device] = float(msg.content["metrics"][LOSS_KEY])
         if self.reweighting is not None:
             self._reweight(ok)
         arrays, metrics = super().aggregate_train(server_round, ok)
@@ -243,7 +255,10 @@ class DeviceSampling:
         self._global = arrays
         self.last_selection = {"devices_sampled": len(sampled)}
         # A sampled device without data has nothing to send: it counts as one that did not reply.
-        nodes = [self.registry.node_of_device[int(d)] for d in sampled if counts[d] > 0]
+        self._expected = {
+            self.registry.node_of_device[int(d)]: int(d) for d in sampled if counts[d] > 0
+        }
+        nodes = list(self._expected)
         if not nodes:  # nobody to ask; the round still releases the noise-only update
             self._keep_global(arrays)
             return []
@@ -256,14 +271,7 @@ class DeviceSampling:
 
         No per-device metric (train loss, counts) is returned: the run folder is a release.
         """
-        ok = [
-            m
-            for m in replies
-            if not m.has_error() and int(m.content["device"]["device"]) in self._sampled
-        ]
-        if replies and not ok and all(m.has_error() for m in replies):
-            _raise_all_failed(server_round, replies)
-        ok.sort(key=lambda m: int(m.content["device"]["device"]))
+        ok = [m for m in replies if int(m.content["device"]["device"]) in self._sampled]
         glob = {k: v.numpy() for k, v in self._global.items()}
         updates = [{k: a.numpy() for k, a in m.content[self.arrayrecord_key].items()} for m in ok]
         mean = self.user_dp.release(glob, updates, server_round)
@@ -381,8 +389,3 @@ class SampledQFedAvg(DeviceSampling, QFedAvg):
             train_loss_key=train_loss_key,
             **kwargs,
         )
-
-
-def _raise_all_failed(server_round: int, replies: list[Message]) -> None:
-    reasons = "; ".join(sorted({m.error.reason.strip().splitlines()[-1] for m in replies}))
-    raise FederationError(f"round {server_round}: every device failed: {reasons}")

@@ -33,13 +33,23 @@ def simulate(
     config: ConfigOpt = None,
     set_: SetOpt = None,
     resume: Annotated[Path | None, typer.Option(help="continue a stopped run folder")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", help="only the final line")] = False,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(
+            "--ray-address",
+            help="attach to a running Ray cluster ('auto' on one of its nodes, or HEAD:6379)",
+        ),
+    ] = None,
 ) -> None:
     """Run a federated simulation (default: CLINC150 + MiniLM, 100 devices, 10 per round)."""
     if resume is not None and (config is not None or set_):
         fail("--resume takes the run folder's own config; drop --config/--set")
     with one_line_errors():
         cfg = load_run_config(resume) if resume is not None else load_config(config, set_ or [])
-        with RoundPrinter(console, cfg) as printer:
+        if ray_address is not None:  # where to run, not what: allowed with --resume too
+            cfg.run.ray_address = ray_address
+        with RoundPrinter(console, cfg, quiet=quiet) as printer:
             run_dir, summary = run_simulation(cfg, resume=resume, on_round=printer)
     metric = summary["primary_metric"]
     console.print(

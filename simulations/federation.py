@@ -17,6 +17,7 @@ from fedtrust.clients.settings import DeviceDP, TrainInstructions
 from fedtrust.server.finetune import CohortFinetune
 from fedtrust.server.registry import DeviceRegistry
 from fedtrust.server.reweighting import AdversarialReweighting
+from fedtrust.server.robust import ROBUST
 from fedtrust.server.selection import ActivitySelection, Selection, UniformSelection
 from fedtrust.server.strategy import (
     DeviceSampling,
@@ -102,8 +103,8 @@ def user_level_dp(cfg: Config, num_devices: int) -> DPFedAvg | None:
 
 
 def make_strategy(cfg: Config, registry: DeviceRegistry, num_devices: int) -> DeviceSampling:
-    """Flower's FedAvg, FedAdam or QFedAvg (`server.aggregation`) with fedtrust's selection,
-    DP and fairness mitigations."""
+    """Flower's FedAvg, FedAdam, QFedAvg or a robust aggregation (`server.aggregation`) with
+    fedtrust's selection, DP, fairness mitigations and reply screening."""
     common = dict(
         registry=registry,
         selection=make_selection(cfg.selection),
@@ -111,9 +112,23 @@ def make_strategy(cfg: Config, registry: DeviceRegistry, num_devices: int) -> De
         weighting=cfg.selection.weighting,
         seed=cfg.run.seed,
         user_dp=user_level_dp(cfg, num_devices),
+        min_replies=cfg.server.min_replies,
+        max_update_norm=cfg.server.max_update_norm,
+        round_timeout=cfg.server.round_timeout,
         **mitigations(cfg),
     )
     s = cfg.server
+    if s.aggregation in ("krum", "bulyan"):
+        return ROBUST[s.aggregation](**common, num_malicious_nodes=s.malicious)
+    if s.aggregation == "multikrum":
+        k = cfg.selection.devices_per_round
+        return ROBUST[s.aggregation](
+            **common, num_malicious_nodes=s.malicious, num_nodes_to_select=k - s.malicious
+        )
+    if s.aggregation == "fedtrimmedavg":
+        return ROBUST[s.aggregation](**common, beta=s.trim_beta)
+    if s.aggregation == "fedmedian":
+        return ROBUST[s.aggregation](**common)
     if s.aggregation == "fedadam":
         return SampledFedAdam(
             **common,
@@ -149,9 +164,10 @@ def device_instructions(cfg: Config, run_dir: Path, num_devices: int) -> ConfigR
     instructions = TrainInstructions(
         client=cfg.client,
         seed=cfg.run.seed,
-        state_dir=str(run_dir),
+        state_dir=str(Path(run_dir).resolve()),  # absolute: devices may run elsewhere
         dp=dp,
         report_loss=not p.enabled,  # under user-level DP the loss is not covered either
         global_loss=needs_device_losses(cfg),
+        faults=cfg.faults if cfg.faults.any else None,
     )
     return instructions.to_record()

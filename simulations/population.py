@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from flwr.app import Context
 
-from fedtrust.clients.device_data import DeviceStore
+from fedtrust.clients.device_data import ArrivalSchedule, DeviceStore
 from fedtrust.tasks import Task, build_task
 
 from .canaries import audit_canaries
@@ -24,13 +25,22 @@ from .partition import partition
 log = logging.getLogger(__name__)
 
 
+STORES_KEPT = 64  # device stores a process keeps between messages (Ray actors serve many)
+
+
 @dataclass
 class Population:
+    """The devices' data: O(devices) small arrays (an index array and a name per device), the
+    arrival schedule, and the storage of only the devices recently asked for their rows."""
+
     cfg: Config
     task: Task
     parts: list[np.ndarray]  # training-set indices held by each device
     names: list[str]
-    _stores: dict[int, DeviceStore] = field(default_factory=dict, repr=False)
+    _stores: OrderedDict[int, DeviceStore] = field(default_factory=OrderedDict, repr=False)
+
+    def __post_init__(self) -> None:
+        self.schedule = ArrivalSchedule(self.sizes(), self.cfg.devices, [self.cfg.run.seed])
 
     @property
     def size(self) -> int:
@@ -38,22 +48,29 @@ class Population:
 
     def sizes(self) -> np.ndarray:
         """Total examples each device will ever hold (its stream length)."""
-        return np.asarray([len(p) for p in self.parts])
+        return np.fromiter((len(p) for p in self.parts), dtype=np.int64, count=len(self.parts))
 
     def store(self, device: int, server_round: int) -> DeviceStore:
         """The device's storage at `server_round` (replayed if asked for an earlier round)."""
-        store = self._stores.get(device)
+        store = self._stores.pop(device, None)
         if store is None or store.round > server_round:
-            store = DeviceStore(self.parts[device], self.cfg.devices, self.cfg.run.seed, device)
-            self._stores[device] = store
+            arrived = self.schedule.arrived
+            store = DeviceStore(
+                self.parts[device],
+                self.cfg.devices,
+                self.cfg.run.seed,
+                device,
+                lambda r: int(arrived(r)[device]),
+            )
+        self._stores[device] = store  # most recently used last
+        while len(self._stores) > STORES_KEPT:
+            self._stores.popitem(last=False)
         store.advance_to(server_round)
         return store
 
     def counts(self, server_round: int) -> np.ndarray:
         """Available examples on every device in `server_round`: the device metadata."""
-        return np.asarray(
-            [self.store(d, server_round).count(server_round) for d in range(self.size)]
-        )
+        return self.schedule.counts(server_round)
 
     def rows(self, device: int, server_round: int) -> list[dict[str, Any]]:
         """The encoded examples `device` holds in `server_round`."""
@@ -65,7 +82,7 @@ class Population:
         return self.names[device]
 
     def count(self, device: int, server_round: int) -> int:
-        return int(self.store(device, server_round).count(server_round))
+        return int(self.counts(server_round)[device])
 
     def stream_length(self, device: int) -> int:
         return len(self.parts[device])

@@ -8,6 +8,7 @@ run, whichever command asks (attacks, fairness audits, cohort reports).
 from __future__ import annotations
 
 import json
+import os
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -34,22 +35,77 @@ MODEL_FOLDER = "model"
 
 
 def write_config(run_dir: Path, cfg: Config) -> None:
-    (run_dir / CONFIG_FILE).write_text(tomli_w.dumps(cfg.to_dict()))
+    write_atomic(run_dir / CONFIG_FILE, tomli_w.dumps(cfg.to_dict()))
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """`path` holds `text` or what it held before, whenever the process is killed (a temporary
+    file, fsynced, renamed over it); an OSError leaves no temporary file behind."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with tmp.open("w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        if err.filename is None:  # a failed write() names no file
+            raise OSError(err.errno, err.strerror, str(path)) from err
+        raise
 
 
 def load_run_config(run_dir: Path) -> Config:
+    """The resolved config of a run folder; a one-line RunFolderError (or ConfigError) naming
+    the path when the folder is missing, is no run folder or its config.toml is corrupt."""
+    if not run_dir.exists():
+        raise RunFolderError(f"{run_dir}: no such run folder")
+    if not run_dir.is_dir():
+        raise RunFolderError(f"{run_dir}: not a folder (expected a fedtrust run folder)")
     path = run_dir / CONFIG_FILE
     if not path.is_file():
         raise RunFolderError(f"{run_dir}: not a fedtrust run folder (no {CONFIG_FILE})")
+    try:
+        data = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise RunFolderError(f"{path}: corrupt run config, not valid TOML ({err})") from None
+    missing = [s for s in ("run", "task") if not isinstance(data.get(s), dict)]
+    if missing:
+        raise RunFolderError(
+            f"{path}: incomplete run config (no [{'], ['.join(missing)}] section); "
+            "it is not the config a fedtrust run wrote"
+        )
     return load_config(path)
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    """The rows of metrics.jsonl, one per round (round 0 = the initial model)."""
+    """The rows of metrics.jsonl, one per round (round 0 = the initial model). A last line cut
+    short (the process was killed while appending it) is dropped; any other bad line is a
+    RunFolderError naming the file and line."""
     path = run_dir / METRICS_FILE
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    text = path.read_text(errors="replace")
+    lines = text.split("\n")
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as err:
+            if number == len(lines):  # no newline after it: a torn append
+                break
+            raise RunFolderError(f"{path}:{number}: corrupt metrics line ({err})") from None
+        if not isinstance(row, dict) or "round" not in row:
+            raise RunFolderError(f"{path}:{number}: not a metrics row (no round)")
+        rows.append(row)
+    return rows
+
+
+def write_metrics(run_dir: Path, rows: list[dict[str, Any]]) -> None:
+    """Replace metrics.jsonl with `rows`, atomically (a kill keeps the old file whole)."""
+    write_atomic(run_dir / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def run_mode(run_dir: Path) -> str | None:

@@ -20,9 +20,10 @@ from flwr.simulation import run_simulation
 from torch import nn
 
 from fedtrust.clients.app import make_client_app
-from fedtrust.errors import FederationError
+from fedtrust.errors import FederationError, RunFolderError
 from fedtrust.privacy.noise import REPRODUCIBLE_NOISE_WARNING
 from fedtrust.server.app import Federation, make_server_app
+from fedtrust.server.checkpoint import checkpoint_folder, load_checkpoint
 from fedtrust.server.evaluation import CentralEvaluator
 from fedtrust.server.federation import FederationResult, RoundCallback
 from fedtrust.server.registry import DeviceRegistry
@@ -31,10 +32,18 @@ from fedtrust.tasks.models import quiet_transformers
 from .cohort_summary import cohort_summary, oos_summary
 from .config import Config, ConfigError
 from .federation import device_instructions, make_strategy
+from .flower_scale import fast_message_polling
 from .population import Population, PopulationSource, cached_population
 from .ray_backend import backend_config
 from .report import plot_curves, write_summary
-from .run_folder import METRICS_FILE, MODEL_FOLDER, read_metrics, write_config
+from .run_folder import (
+    METRICS_FILE,
+    MODEL_FOLDER,
+    load_run_config,
+    read_metrics,
+    write_config,
+    write_metrics,
+)
 from .tensorboard import TensorBoardLog
 
 AUDIT_FILE = "privacy_audit.json"
@@ -43,17 +52,23 @@ RoundHook = Callable[[dict[str, Any]], None]
 
 
 def start_run(cfg: Config, resume: Path | None = None) -> tuple[Path, Population]:
-    """Create (or reopen) the run folder and build the population; fails early on bad input."""
+    """Create (or reopen) the run folder and build the population; fails early on bad input.
+
+    Everything that can be checked before training is: the population (bad data, more devices
+    per round than devices), the checkpoint to resume from (a corrupt one is a one-line error
+    naming the file) and that the run folder can be written. A run that fails these checks
+    leaves no folder behind: a new run folder is created only once they pass.
+    """
     if resume is None:
         name = cfg.run.name or datetime.now().strftime("%Y%m%d-%H%M%S")
         run_dir = Path(cfg.run.output_dir) / name
-        if (run_dir / "checkpoint").exists():
+        if checkpoint_folder(run_dir) is not None:
             raise ConfigError(f"{run_dir}: already holds a run; use --resume {run_dir} to go on")
         cfg.run.name = name
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_config(run_dir, cfg)
     else:
         run_dir = resume
+        load_run_config(run_dir)  # a missing, foreign or corrupt run folder: one line
+        load_checkpoint(run_dir)  # a corrupt checkpoint: one line, before Ray starts
         cfg.run.output_dir, cfg.run.name = str(resume.parent), resume.name
     population = cached_population(cfg)
     k = cfg.selection.devices_per_round
@@ -62,7 +77,42 @@ def start_run(cfg: Config, resume: Path | None = None) -> tuple[Path, Population
             f"selection.devices_per_round: {k} is larger than the population "
             f"({population.size} devices)"
         )
+    if resume is None:
+        _create_run_folder(cfg, run_dir)
+    else:
+        _probe_writable(run_dir)
     return run_dir, population
+
+
+def _create_run_folder(cfg: Config, run_dir: Path) -> None:
+    """The run folder with its config.toml; an unwritable run.output_dir is one ConfigError,
+    and the folders made on the way are removed again."""
+    made = [p for p in (run_dir, *run_dir.parents) if not p.exists()]  # innermost first
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_config(run_dir, cfg)
+    except OSError as err:
+        for folder in made:
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        raise ConfigError(
+            f"{err.filename or run_dir}: cannot write the run folder "
+            f"(run.output_dir = {cfg.run.output_dir!r}: {err.strerror or err})"
+        ) from None
+
+
+def _probe_writable(run_dir: Path) -> None:
+    """A run folder to resume must take new files (checkpoints, metrics, the model)."""
+    probe = run_dir / ".write-probe"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise RunFolderError(
+            f"{run_dir}: cannot write to the run folder ({err.strerror or err})"
+        ) from None
 
 
 class MetricsLog:
@@ -81,7 +131,7 @@ class MetricsLog:
             rows = [*before, self._with_extra(last)]
         else:  # a checkpoint written before checkpoints kept their row
             rows = [r for r in read_metrics(self.path.parent) if r["round"] < first_round]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        write_metrics(self.path.parent, rows)  # atomic: a kill now loses no earlier row
 
     def on_round(self, row: dict[str, Any]) -> None:
         with self.path.open("a") as f:
@@ -92,10 +142,13 @@ class MetricsLog:
 
 
 class RoundHookCallback:
-    """Round callback around a plain function of the round's metrics (a progress printer)."""
+    """Round callback around a plain function of the round's metrics (a progress printer);
+    its `on_reply` method, if it has one, gets the round's live progress."""
 
     def __init__(self, hook: RoundHook) -> None:
         self.hook = hook
+        if (on_reply := getattr(hook, "on_reply", None)) is not None:
+            self.on_reply = on_reply
 
     def on_start(self, first_round: int, last: dict[str, Any]) -> None:
         pass
@@ -127,6 +180,8 @@ def build_federation(
         num_devices=population.size,
         device_config=device_instructions(cfg, run_dir, population.size),
         callbacks=callbacks,
+        round_timeout=s.round_timeout,
+        retries=s.retries,
     )
 
 
@@ -164,6 +219,8 @@ def finish_run(
         "final": final,
         "final_subset": {k: v for k, v in rows[-1].items() if isinstance(v, float)},
         "best_round": max(rows, key=lambda r: r.get(metric, 0.0))["round"] if rows else None,
+        "failures": sum(len(r.get("failures", [])) for r in rows),  # dropped replies
+        "skipped_rounds": [r["round"] for r in rows if r.get("skipped")],
         "privacy": _privacy_summary(cfg, run_dir, rows),
         "cohorts": cohort_summary(
             run_dir, population, model, rows, cfg.cohorts, cfg.run.seed, cfg.privacy.enabled
@@ -225,12 +282,13 @@ def simulate(
         finished.append((federation, result))
 
     _quiet_flower()
-    run_simulation(
-        server_app=make_server_app(build, on_result),
-        client_app=make_client_app(PopulationSource(cfg.to_dict())),
-        num_supernodes=population.size,
-        backend_config=backend_config(cfg),
-    )
+    with fast_message_polling():
+        run_simulation(
+            server_app=make_server_app(build, on_result),
+            client_app=make_client_app(PopulationSource(_portable(cfg.to_dict()))),
+            num_supernodes=population.size,
+            backend_config=backend_config(cfg),
+        )
     if not finished:
         raise FederationError(f"the simulation stopped before its last round; see {run_dir}")
     federation, result = finished[0]
@@ -239,8 +297,19 @@ def simulate(
     return run_dir, summary
 
 
+def _portable(config: dict[str, Any]) -> dict[str, Any]:
+    """The config devices get: local paths made absolute (on a Ray cluster, workers do not
+    share the driver's working directory)."""
+    task = dict(config["task"])
+    for key in ("dataset", "test_dataset", "validation_dataset", "model"):
+        if task.get(key) and Path(task[key]).exists():
+            task[key] = str(Path(task[key]).resolve())
+    return {**config, "task": task}
+
+
 def _quiet_flower() -> None:
-    """Flower logs every message; fedtrust prints its own progress line per round instead."""
-    logging.getLogger("flwr").setLevel(logging.ERROR)
+    """Flower logs every message, and a device's exception with its traceback; fedtrust prints
+    its own progress line per round and logs each failed device with its reason instead."""
+    logging.getLogger("flwr").setLevel(logging.CRITICAL)
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     quiet_transformers()

@@ -11,7 +11,8 @@ from .spec import TaskSpec
 
 
 def build_task(spec: TaskSpec, seed: int = 0) -> Task:
-    """Load the data named by `spec` and encode it once."""
+    """Load the data named by `spec` (dataset, test_dataset, validation_dataset) and encode it
+    once. Bad data raises `fedtrust.errors.DataError`, one line naming the file and line."""
     raw = load_raw(
         spec.dataset,
         text_column=spec.text_column,
@@ -21,6 +22,8 @@ def build_task(spec: TaskSpec, seed: int = 0) -> Task:
         need_label=spec.kind == "intent",
         test_fraction=spec.test_fraction,
         seed=seed,
+        test_dataset=spec.test_dataset,
+        validation_dataset=spec.validation_dataset,
     )
     return build_intent_task(raw, spec) if spec.kind == "intent" else build_lm_task(raw, spec)
 

@@ -111,16 +111,23 @@ class IntentTask(Task):
 
 
 def build_intent_task(raw, spec: TaskSpec) -> IntentTask:
-    """Tokenise once; labels become ids in sorted order of their names."""
+    """Tokenise once; labels become ids in sorted order of the training labels' names.
+
+    Test and validation labels must all occur in training (`load_raw` names the line of a
+    separate test/validation file; this catches a label held out of a single dataset).
+    """
     model_name = resolve_model(spec.model)
     tokenizer = AutoTokenizer.from_pretrained(model_name)
     splits = {name: split.to_dict() for name, split in raw.items()}  # columns as plain lists
     labels = tuple(sorted({str(x) for x in splits["train"]["label"]}))
     index = {name: i for i, name in enumerate(labels)}
-    for name in ("test", "validation"):
+    sources = {"test": spec.test_dataset, "validation": spec.validation_dataset}
+    for name, source in sources.items():
         unknown = sorted({str(x) for x in splits.get(name, {}).get("label", [])} - set(labels))
         if unknown:
-            raise DataError(f"{spec.dataset}: {name} labels never seen in training: {unknown[:5]}")
+            raise DataError(
+                f"{source or spec.dataset}: {name} labels never seen in training: {unknown[:5]}"
+            )
 
     def encode(split: dict[str, list]) -> list[dict[str, Any]]:
         ids = tokenizer(split["text"], truncation=True, max_length=spec.max_length)["input_ids"]

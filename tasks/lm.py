@@ -127,9 +127,11 @@ def gpt2_model(
 
 
 def build_lm_task(raw, spec: TaskSpec) -> CharLMTask:
-    """Cut every text into `max_length`-character examples that keep their device."""
+    """Cut every text into `max_length`-character examples that keep their device (train, test
+    and, when the data has one, validation: a validation_dataset)."""
     splits = {name: split.to_dict() for name, split in raw.items()}  # columns as plain lists
-    vocab = "".join(sorted(set("".join(splits["train"]["text"] + splits["test"]["text"]))))
+    texts = [text for split in splits.values() for text in split["text"]]
+    vocab = "".join(sorted(set("".join(texts))))  # every split's characters: none is unknown
     index = {ch: i + 1 for i, ch in enumerate(vocab)}  # 0 is padding
 
     def encode(split: dict[str, list]) -> list[dict[str, Any]]:
@@ -153,6 +155,7 @@ def build_lm_task(raw, spec: TaskSpec) -> CharLMTask:
         kind="lm",
         train=encode(splits["train"]),
         test=encode(splits["test"]),
+        validation=encode(splits["validation"]) if "validation" in splits else [],
         pad_id=0,
         primary_metric="accuracy",
         info={"vocab_size": len(vocab) + 1},

@@ -50,5 +50,5 @@ def test_missing_column_and_missing_file(tmp_path):
 def test_empty_text_is_rejected_with_its_row(tmp_path):
     path = tmp_path / "empty.jsonl"
     path.write_text('{"text": "ok", "label": "a"}\n{"text": " ", "label": "a"}\n')
-    with pytest.raises(DataError, match="row 2 has an empty 'text'"):
+    with pytest.raises(DataError, match=r"empty.jsonl:2: column 'text' is empty"):
         load_raw(str(path))

@@ -2,7 +2,7 @@ import math
 
 import numpy as np
 
-from fedtrust.clients.device_data import DeviceStore, StorageSettings
+from fedtrust.clients.device_data import ArrivalSchedule, DeviceStore, StorageSettings
 
 STREAM = np.arange(1000, 1200)
 
@@ -52,3 +52,34 @@ def test_replay_equals_incremental_and_depends_on_seed_and_device():
         assert np.array_equal(inc, DeviceStore(STREAM, incremental.settings, 4, 2).available(r))
     other = DeviceStore(STREAM, incremental.settings, 4, 3).available(11)
     assert not np.array_equal(inc, other)
+
+
+def test_the_population_schedule_agrees_with_every_device_store():
+    """The server's vector of counts and each device's own storage see the same arrivals."""
+    sizes = np.array([200, 5, 1, 60, 200, 33])
+    settings = _cfg(capacity=40, eviction="random")
+    schedule = ArrivalSchedule(sizes, settings, [9])
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    stores = [
+        DeviceStore(
+            np.arange(starts[d], starts[d + 1]),
+            settings,
+            9,
+            d,
+            lambda r, d=d: int(schedule.arrived(r)[d]),
+        )  # fmt: skip
+        for d in range(len(sizes))
+    ]
+    for r in range(1, 30):
+        counts = schedule.counts(r)
+        assert counts.tolist() == [s.count(r) for s in stores]
+        assert (counts <= 40).all() and (schedule.arrived(r) <= sizes).all()
+    assert schedule.arrived(29).tolist() == sizes.tolist()  # every stream ran dry
+    assert ArrivalSchedule(sizes, settings, [9]).counts(7).tolist() == schedule.counts(7).tolist()
+    assert ArrivalSchedule(sizes, settings, [8]).counts(7).tolist() != schedule.counts(7).tolist()
+
+
+def test_static_schedule_is_the_stream_lengths():
+    sizes = np.array([3, 1, 4])
+    schedule = ArrivalSchedule(sizes, StorageSettings(mode="static", capacity=2), [0])
+    assert schedule.counts(5).tolist() == [3, 1, 4]

@@ -200,13 +200,26 @@ def test_the_strategy_remembers_each_devices_last_loss():
     assert np.allclose(fairness["global_loss"], chosen)
 
 
-def test_a_non_finite_device_loss_stops_the_round_with_one_line():
+def test_a_non_finite_device_loss_drops_that_reply_and_keeps_the_aggregate_finite():
     counts = np.array([5, 5, 5, 5])
-    strategy = SampledQFedAvg(registry=_registry(counts), selection=UniformSelection(),
+    models = {d: np.full(3, float(d)) for d in range(4)}
+
+    def qffl():
+        return SampledQFedAvg(registry=_registry(counts), selection=UniformSelection(),
                               devices_per_round=4, client_learning_rate=0.1, q=1.0)  # fmt: skip
-    models = {d: np.zeros(3) for d in range(4)}
-    with pytest.raises(FederationError, match=r"device 2 reported global_loss = nan"):
-        _round(strategy, np.zeros(3), models, {0: 1.0, 1: 1.0, 2: float("nan"), 3: 1.0}, counts)
+
+    strategy = qffl()
+    arrays, _ = _round(strategy, np.zeros(3), models, {0: 1.0, 1: 2.0, 2: np.nan, 3: 1.5}, counts)
+    assert [(f.device, f.reason) for f in strategy.last_failures] == [
+        (2, "non-finite metric global_loss = nan")
+    ]
+    without = qffl()  # the same round where device 2 never replied
+    record = ArrayRecord({"w": Array(np.zeros(3, dtype=np.float32))})
+    list(without.configure_train(1, record, ConfigRecord({}), FakeGrid(4)))
+    replies = [_reply(d, models[d], 5, loss) for d, loss in ((0, 1.0), (1, 2.0), (3, 1.5))]
+    expected, _ = without.aggregate_train(1, replies)
+    assert np.isfinite(arrays).all()
+    assert np.allclose(arrays, expected["w"].numpy())
 
 
 # -------------------------------------------------------------- device side, through the ClientApp

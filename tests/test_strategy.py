@@ -1,6 +1,7 @@
 """The strategy mixin's aggregation on hand-made replies (no network)."""
 
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -8,6 +9,7 @@ from flower_fakes import FakeGrid, Reply
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedtrust.server.registry import DeviceRegistry
+from fedtrust.server.replies import TooFewReplies
 from fedtrust.server.selection import UniformSelection
 from fedtrust.simulations.config import load_config
 from fedtrust.simulations.federation import make_strategy
@@ -72,8 +74,10 @@ def test_a_round_where_every_device_fails_is_a_clear_error():
     class Err:
         reason: str = "Traceback ...\nValueError: out of memory"
 
-    with pytest.raises(RuntimeError, match="every device failed: ValueError: out of memory"):
-        strategy.aggregate_train(1, [Reply(RecordDict(), error=Err())])
+    failed = Reply(RecordDict(), error=Err(), metadata=SimpleNamespace(src_node_id=100 + chosen[0]))
+    reason = f"device {chosen[0]}: raised: ValueError: out of memory"
+    with pytest.raises(TooFewReplies, match=reason):
+        strategy.aggregate_train(1, [failed])
 
 
 def test_non_private_selection_is_gumbel_top_k_seeded_by_run_seed_and_round():

@@ -128,7 +128,7 @@ def test_attack_cli_errors_are_one_line(tmp_path):
             timeout=120,
         )
 
-    (tmp_path / "config.toml").write_text("[task]\n")
+    (tmp_path / "config.toml").write_text("[task]\n[run]\n")
     result = run("attack", "mia", "--model", str(tmp_path))
     assert result.returncode == 2
     assert "no trained model (model/config.json missing" in " ".join(result.stdout.split())
