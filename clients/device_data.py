@@ -3,12 +3,14 @@
 In the continual setting a device's examples arrive over rounds: a share `initial_fraction` is there
 at round 1, then Poisson(`arrival_rate` x stream length) new ones each round until the stream runs
 dry. When storage holds more than `capacity` examples, the oldest (fifo) or random ones are deleted.
-Everything is a pure function of (seed, device, round), so the server's metadata, the device and a
-resumed run all agree without sharing state.
+Everything is a pure function of the seed, the round and the population (below), so the server's
+metadata, the device and a resumed run all agree without sharing state.
 
 The arrivals of a whole population are drawn as one vector per round (`ArrivalSchedule`): the
 server's per-round metadata (every device's count) costs a few numpy operations, not one Python
 object per device, and a device's own storage (`DeviceStore`) is built only when it is asked.
+A device's arrivals are then a function of (seed, round, its place in the population and the
+population's stream lengths): planting canary rows on one device redraws everyone's schedule.
 """
 
 from __future__ import annotations
@@ -39,7 +41,8 @@ class ArrivalSchedule:
     def __init__(self, sizes: np.ndarray, settings: StorageSettings, key: Sequence[int]) -> None:
         self.sizes = np.asarray(sizes, dtype=np.int64)
         self.settings, self.key = settings, list(key)
-        self._arrived = [np.zeros(len(self.sizes), dtype=np.int64)]  # [r]: after round r
+        # [r]: arrived by round r, int32 (a round costs 4 bytes per device)
+        self._arrived = [np.zeros(len(self.sizes), dtype=np.int32)]
 
     def arrived(self, server_round: int) -> np.ndarray:
         """Examples arrived on each device by `server_round` (all of them in static mode)."""
@@ -53,8 +56,15 @@ class ArrivalSchedule:
             else:
                 rng = np.random.default_rng([*self.key, r, 0xA771])
                 new = rng.poisson(self.settings.arrival_rate * self.sizes)
-            self._arrived.append(np.minimum(self._arrived[-1] + new, self.sizes))
+            arrived = np.minimum(self._arrived[-1] + new, self.sizes)
+            self._arrived.append(arrived.astype(np.int32))
         return self._arrived[server_round]
+
+    def count(self, device: int, server_round: int) -> int:
+        """Examples `device` holds in `server_round` (one device: no vector work)."""
+        arrived = int(self.arrived(server_round)[device])
+        cap = self.settings.capacity
+        return min(arrived, cap) if cap > 0 and self.settings.mode != "static" else arrived
 
     def counts(self, server_round: int) -> np.ndarray:
         """Examples each device holds in `server_round`: arrived, up to the storage cap."""

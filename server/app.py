@@ -29,7 +29,7 @@ class Federation:
     num_devices: int
     device_config: ConfigRecord  # sent to every device with every message
     callbacks: Sequence[RoundCallback] = field(default_factory=tuple)
-    round_timeout: float = 0.0  # seconds a round waits for its replies (0 = no limit)
+    round_timeout: float = 3600.0  # seconds a round waits for its replies (0 = no limit)
     retries: int = 1  # fresh selections of a round with too few usable replies
 
 

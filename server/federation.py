@@ -40,8 +40,9 @@ class RoundCallback(Protocol):
         """Called after every round with its metrics, once its checkpoint (which keeps the row
         too, so a stop right after the checkpoint loses nothing) is written."""
 
-    # Optional: `on_reply(server_round, done, asked, examples)` after each reply of a round
-    # (`examples`: the examples the replied devices trained on), for live progress displays.
+    # Optional: `on_reply(server_round, done, asked, examples, seconds)` whenever replies of a
+    # round arrive (`examples`: held by the devices that replied; `seconds` since the round's
+    # messages went out), for live progress displays.
 
 
 @dataclass
@@ -62,18 +63,18 @@ def run_federation(
     num_devices: int,
     device_config: ConfigRecord,
     callbacks: Sequence[RoundCallback] = (),
-    timeout: float = 0.0,
+    timeout: float = 3600.0,
     retries: int = 1,
 ) -> FederationResult:
     """Run (or resume from `run_dir`'s checkpoint) `rounds` rounds with `num_devices` devices.
 
     `device_config` goes to every device with every message (plus `server-round`); the server
     does not read it. `timeout`: seconds a round waits for its replies (0 = no limit); a device
-    that has not replied by then counts as failed. A round with fewer usable replies than the
-    strategy's `min_replies` is tried again with a fresh selection up to `retries` times, then
-    skipped (the global model stays as it was; the row says `"skipped": true`). A round whose
-    every attempt got no usable reply at all stops the run: that is a broken federation (every
-    device raising the same error, say), not bad luck.
+    that has not replied by then counts as failed (and stays busy: `RoundTrainer`). A round
+    with fewer usable replies than the strategy's `min_replies` is tried again with a fresh
+    selection up to `retries` times, then skipped (the global model stays as it was; the row
+    says `"skipped": true`). A round whose every attempt got no usable reply at all stops the
+    run: that is a broken federation (every device raising the same error, say), not bad luck.
     """
     registry: DeviceRegistry = strategy.registry
     registry.check_in(grid, device_config, expected=num_devices)  # not the round timeout
@@ -91,11 +92,12 @@ def run_federation(
     for callback in callbacks:
         callback.on_start(start, last)
 
+    trainer = RoundTrainer(grid, strategy, device_config, callbacks, timeout, retries)
     for server_round in range(start, rounds + 1):
         began = time.perf_counter()
-        new_arrays, train_metrics, failures = _train_round(
-            grid, strategy, server_round, arrays, device_config, callbacks, timeout, retries
-        )
+        phases = {"devices": 0.0, "aggregate": 0.0}
+        new_arrays, train_metrics, failures = trainer.train(server_round, arrays, phases)
+        evaluated = time.perf_counter()
         row = {
             "round": server_round,
             **evaluator(new_arrays or arrays),
@@ -106,6 +108,7 @@ def run_federation(
             **({"skipped": True} if new_arrays is None else {}),
             "seconds": time.perf_counter() - began,
         }
+        row["phases"] = phases | {"evaluate": began + row["seconds"] - evaluated}
         arrays = new_arrays or arrays
         arrays_np = {k: v.numpy() for k, v in arrays.items()}
         ledger = registry.ledger.to_json()
@@ -121,64 +124,106 @@ def run_federation(
     )
 
 
-def _train_round(
-    grid: Grid,
-    strategy: DeviceSampling,
-    server_round: int,
-    arrays: ArrayRecord,
-    device_config: ConfigRecord,
-    callbacks: Sequence[RoundCallback],
-    timeout: float,
-    retries: int,
-) -> tuple[ArrayRecord | None, Any, list[Failure]]:
-    """One round's training, retried on too few replies: the new model (None: skipped), the
-    training metrics and the failures of every attempt."""
-    failures: list[Failure] = []
-    usable_any = False
-    hooks = [h for c in callbacks if (h := getattr(c, "on_reply", None)) is not None]
-    for attempt in range(retries + 1):
-        strategy.attempt = attempt
-        # Flower's configure_train adds `server-round` to the config it sends
-        messages = strategy.configure_train(server_round, arrays, ConfigRecord(device_config), grid)
-        replies = collect_replies(
-            grid, messages, timeout, lambda *progress: [h(server_round, *progress) for h in hooks]
-        )
-        try:
-            new_arrays, metrics = strategy.aggregate_train(server_round, replies)
-        except TooFewReplies as too_few:
-            failures += too_few.failures
-            usable_any = usable_any or too_few.usable > 0
-            log.warning("%s%s", too_few, "; retrying" if attempt < retries else "; skipped")
-            continue
-        return new_arrays, metrics, failures + strategy.last_failures
-    if not usable_any:
-        reasons = describe(failures) if failures else "no device was asked"
-        raise FederationError(f"round {server_round}: no usable reply in any attempt: {reasons}")
-    return None, None, failures
+class RoundTrainer:
+    """One round's training on the devices: select, send, wait, screen and aggregate; retried
+    with a fresh selection (without the devices that just failed) when too few replies are
+    usable. Messages the server stopped waiting for (`timeout`) keep their devices busy, out of
+    every selection, until their late reply comes in and is thrown away: a device never trains
+    on two messages at once (its DP budget file would race)."""
+
+    def __init__(
+        self,
+        grid: Grid,
+        strategy: DeviceSampling,
+        device_config: ConfigRecord,
+        callbacks: Sequence[RoundCallback],
+        timeout: float,
+        retries: int,
+    ) -> None:
+        self.grid, self.strategy, self.device_config = grid, strategy, device_config
+        self.timeout, self.retries = timeout, retries
+        strategy.round_timeout = timeout
+        self.hooks = [h for c in callbacks if (h := getattr(c, "on_reply", None)) is not None]
+        self.device_of_node = {n: d for d, n in strategy.registry.node_of_device.items()}
+        self.abandoned: dict[str, int] = {}  # message id -> node, for messages given up on
+
+    def train(
+        self, server_round: int, arrays: ArrayRecord, phases: dict[str, float]
+    ) -> tuple[ArrayRecord | None, Any, list[Failure]]:
+        """The new model (None: skipped), the training metrics and every attempt's failures;
+        adds the seconds spent on the devices (sending included) and aggregating to `phases`."""
+        failures: list[Failure] = []
+        usable_any = False
+        for attempt in range(self.retries + 1):
+            self.strategy.attempt = attempt
+            self.strategy.unavailable = self._busy() | {f.device for f in failures}
+            began = time.perf_counter()
+            # Flower's configure_train adds `server-round` to the config it sends
+            config = ConfigRecord(self.device_config)
+            messages = self.strategy.configure_train(server_round, arrays, config, self.grid)
+            replies, pending = collect_replies(
+                self.grid,
+                messages,
+                self.timeout,
+                lambda *progress: [h(server_round, *progress) for h in self.hooks],
+            )
+            self.abandoned |= pending
+            received = time.perf_counter()
+            phases["devices"] += received - began
+            try:
+                new_arrays, metrics = self.strategy.aggregate_train(server_round, replies)
+            except TooFewReplies as too_few:
+                phases["aggregate"] += time.perf_counter() - received
+                failures += too_few.failures
+                usable_any = usable_any or too_few.usable > 0
+                log.warning(
+                    "%s%s", too_few, "; retrying" if attempt < self.retries else "; skipped"
+                )
+                continue
+            phases["aggregate"] += time.perf_counter() - received
+            return new_arrays, metrics, failures + self.strategy.last_failures
+        if not usable_any:
+            reasons = describe(failures) if failures else "no device was asked"
+            raise FederationError(
+                f"round {server_round}: no usable reply in any attempt: {reasons}"
+            )
+        return None, None, failures
+
+    def _busy(self) -> set[int]:
+        """Devices still working on a message the server gave up on (late replies discarded)."""
+        if self.abandoned:
+            for msg in self.grid.pull_messages(set(self.abandoned)):
+                self.abandoned.pop(msg.metadata.reply_to_message_id, None)
+        return {self.device_of_node[n] for n in self.abandoned.values() if n in self.device_of_node}
 
 
 def collect_replies(
     grid: Grid,
     messages: Iterable[Message],
     timeout: float,
-    on_reply: Callable[[int, int, int], Any] | None = None,
+    on_reply: Callable[[int, int, int, float], Any] | None = None,
     poll: float = 0.1,
-) -> list[Message]:
+) -> tuple[list[Message], dict[str, int]]:
     """Send `messages` and gather the replies until all are in or `timeout` s have passed
-    (0 = no limit), calling `on_reply(done, asked, examples)` whenever replies arrive."""
-    pending = set(grid.push_messages(messages))
+    (0 = no limit), calling `on_reply(done, asked, examples, seconds)` whenever replies arrive
+    (`examples`: held by the devices that replied). Returns the replies and the messages still
+    unanswered (message id -> node)."""
+    messages = list(messages)
+    began = time.monotonic()
+    ids = list(grid.push_messages(messages))
+    pending = {mid: msg.metadata.dst_node_id for mid, msg in zip(ids, messages)}
     asked, replies, examples = len(pending), [], 0
-    deadline = time.monotonic() + timeout if timeout else float("inf")
+    deadline = began + timeout if timeout else float("inf")
     while pending and time.monotonic() < deadline:
-        arrived = list(grid.pull_messages(pending))
+        arrived = list(grid.pull_messages(set(pending)))
         if not arrived:
             time.sleep(poll)
             continue
         for msg in arrived:
-            pending.discard(msg.metadata.reply_to_message_id)
+            pending.pop(msg.metadata.reply_to_message_id, None)
             if not msg.has_error() and "device" in msg.content:
                 examples += int(msg.content["device"].get("available", 0))
         replies += arrived
         if on_reply is not None:
-            on_reply(len(replies), asked, examples)
-    return replies
+            on_reply(len(replies), asked, examples, time.monotonic() - began)
+    return replies, pending

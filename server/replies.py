@@ -9,15 +9,17 @@ global model unpoisoned by garbage; what a well-formed but malicious update can 
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Message
+from flwr.app import Array, ArrayRecord, Message, RecordDict
 
 from fedtrust.errors import FederationError
 
 ARRAYS_KEY = "arrays"
+METRICS_KEY = "metrics"
 
 
 @dataclass(frozen=True)
@@ -53,15 +55,19 @@ def screen_replies(
     expected: dict[int, int],
     global_arrays: ArrayRecord,
     timeout: float = 0.0,
-) -> tuple[list[Message], list[Failure]]:
-    """The replies fit for aggregation and why the others (and the silent devices) were dropped.
+) -> tuple[list[Message], list[Failure], list[Message]]:
+    """The replies fit for aggregation, why the others (and the silent devices) were dropped,
+    and every reply that answered as the device its node was asked as (usable or not: its
+    device record, e.g. a DP budget report, is still that device's word).
 
-    `expected`: node id -> device id of every node asked to train. A reply's device is the one
-    its node was asked as (the id it states must agree). Usable replies come sorted by device.
+    `expected`: node id -> device id of every node asked to train. Usable replies come sorted
+    by device, their weights in the global model's dtypes (a reply of another float precision
+    is cast, one of another kind dropped).
     """
-    shapes = {k: tuple(v.shape) for k, v in global_arrays.items()}
+    specs = {k: (tuple(v.shape), v.numpy().dtype) for k, v in global_arrays.items()}
     usable: list[tuple[int, Message]] = []
     failures: list[Failure] = []
+    identified: list[Message] = []
     answered: set[int] = set()
     for msg in replies:
         node = getattr(msg.metadata, "src_node_id", None)
@@ -69,49 +75,105 @@ def screen_replies(
         if device is None:
             continue  # not a node asked this round (a late reply to an earlier round)
         answered.add(device)
-        reason = _problem(msg, device, shapes)
+        reason = _identity_problem(msg, device)
+        if reason is None:
+            identified.append(msg)
+            reason = _content_problem(msg.content, specs)
         if reason is None:
             usable.append((device, msg))
         else:
             failures.append(Failure(device, reason))
+    usable = _same_metric_keys(usable, failures)
+    for _, msg in usable:  # float32 from a device, float64 global after FedAdam: the global's
+        _cast_weights(msg.content, specs)
     late = f"no reply within server.round_timeout = {timeout:g} s" if timeout else "no reply"
     failures += [Failure(d, late) for d in sorted(set(expected.values()) - answered)]
     usable.sort(key=lambda pair: pair[0])
-    return [m for _, m in usable], sorted(failures, key=lambda f: f.device)
+    return [m for _, m in usable], sorted(failures, key=lambda f: f.device), identified
 
 
 def _stated_device(msg: Message) -> int | None:
-    if msg.has_error() or "device" not in msg.content:
+    try:
+        return int(msg.content["device"]["device"])
+    except (KeyError, TypeError, ValueError, AttributeError):
         return None
-    return int(msg.content["device"]["device"])
 
 
-def _problem(msg: Message, device: int, shapes: dict[str, tuple[int, ...]]) -> str | None:
-    """Why `msg` cannot be aggregated, or None."""
+def _identity_problem(msg: Message, device: int) -> str | None:
+    """Why `msg` is not a well-formed answer of `device`, or None."""
     if msg.has_error():
         lines = str(msg.error.reason).strip().splitlines() or ["unknown error"]
         return f"raised: {lines[-1]}"
-    content = msg.content
-    if ARRAYS_KEY not in content.array_records or "device" not in content.config_records:
-        return "malformed reply: no weights or no device record"
-    stated = int(content["device"]["device"])
-    if stated != device:
-        return f"malformed reply: says it is device {stated}"
+    if "device" not in msg.content.config_records:
+        return "malformed reply: no device record"
+    info = msg.content["device"]
+    if not isinstance(info.get("device"), int) or not isinstance(info.get("available"), int):
+        return "malformed reply: its device record lacks an integer device or available"
+    if info["device"] != device:
+        return f"malformed reply: says it is device {info['device']}"
+    return None
+
+
+def _content_problem(
+    content: RecordDict, specs: dict[str, tuple[tuple[int, ...], np.dtype]]
+) -> str | None:
+    """Why the weights and metrics of a reply cannot be aggregated, or None."""
+    if ARRAYS_KEY not in content.array_records:
+        return "malformed reply: no weights"
+    if extra := sorted(set(content.array_records) - {ARRAYS_KEY, "fisher"}):
+        return f"malformed reply: unexpected weight records {', '.join(extra)}"
+    if set(content.metric_records) != {METRICS_KEY}:
+        return f"malformed reply: needs exactly one metric record '{METRICS_KEY}'"
     arrays = content[ARRAYS_KEY]
-    if missing := sorted(set(shapes) - set(arrays)):
+    if missing := sorted(set(specs) - set(arrays)):
         return f"malformed weights: missing {', '.join(missing[:3])}"
-    if extra := sorted(set(arrays) - set(shapes)):
+    if extra := sorted(set(arrays) - set(specs)):
         return f"malformed weights: unexpected {', '.join(extra[:3])}"
     for key, array in arrays.items():
-        if tuple(array.shape) != shapes[key]:
-            return f"malformed weights: {key} has shape {tuple(array.shape)}, not {shapes[key]}"
-        if not np.isfinite(array.numpy()).all():
+        shape, dtype = specs[key]
+        if tuple(array.shape) != shape:
+            return f"malformed weights: {key} has shape {tuple(array.shape)}, not {shape}"
+        try:
+            values = array.numpy()
+        except Exception as err:  # corrupt bytes: whatever numpy raises, the reply is unusable
+            return f"malformed weights: {key} cannot be read ({type(err).__name__})"
+        if values.dtype.kind != dtype.kind:
+            return f"malformed weights: {key} is {values.dtype}, not {dtype}"
+        if not np.isfinite(values).all():
             return f"non-finite weights in {key}"
-    for record in content.metric_records.values():
-        for key, value in record.items():
-            if not np.isfinite(np.asarray(value, dtype=float)).all():
-                return f"non-finite metric {key} = {value}"
+    for key, value in content[METRICS_KEY].items():
+        if not np.isfinite(np.asarray(value, dtype=float)).all():
+            return f"non-finite metric {key} = {value}"
     return None
+
+
+def _cast_weights(content: RecordDict, specs: dict[str, tuple[tuple[int, ...], np.dtype]]) -> None:
+    arrays = content[ARRAYS_KEY]
+    if any(arrays[k].numpy().dtype != dtype for k, (_, dtype) in specs.items()):
+        content[ARRAYS_KEY] = ArrayRecord(
+            {
+                k: Array(np.asarray(arrays[k].numpy(), dtype=dtype))
+                for k, (_, dtype) in specs.items()
+            }
+        )
+
+
+def _same_metric_keys(
+    usable: list[tuple[int, Message]], failures: list[Failure]
+) -> list[tuple[int, Message]]:
+    """Flower's strategies need every reply to carry the same metrics: keep the replies with
+    the most common set of metric names, drop the others."""
+    keys = [frozenset(m.content[METRICS_KEY].keys()) for _, m in usable]
+    if len(set(keys)) <= 1:
+        return usable
+    common = Counter(keys).most_common(1)[0][0]
+    for (device, _), k in zip(usable, keys):
+        if k != common:
+            names = ", ".join(sorted(k ^ common))
+            failures.append(
+                Failure(device, f"malformed reply: metrics differ from the others ({names})")
+            )
+    return [pair for pair, k in zip(usable, keys) if k == common]
 
 
 def update_norm(arrays: ArrayRecord, global_arrays: ArrayRecord) -> float:

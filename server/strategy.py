@@ -5,7 +5,7 @@ replaces *which* nodes get a training message and *how much* each reply weighs; 
 server optimisers and message handling stay Flower's.
 
 Loss-aware fairness mitigations read each device's loss at the global model (its
-"global_loss" metric, which devices send when told to): q-FFL (`SampledQFedAvg`), adversarial
+"global_loss" metric, which devices send when told to): q-FFL (`fedtrust.server.qffl`), adversarial
 reweighting of the replies (`fedtrust.server.reweighting`) and a cohort fine-tuning phase under
 an EWC anchor (`fedtrust.server.finetune`). None of them runs under user-level DP.
 
@@ -25,13 +25,13 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAdam, FedAvg, QFedAvg
+from flwr.serverapp.strategy import FedAdam, FedAvg
 
 from fedtrust.errors import FederationError
 
 from .finetune import FISHER_KEY, CohortFinetune, Upweighted, average_fisher, take_fisher
 from .registry import DeviceRegistry
-from .replies import Failure, TooFewReplies, bound_update, screen_replies
+from .replies import Failure, TooFewReplies, bound_update, describe, screen_replies
 from .reweighting import AdversarialReweighting
 from .selection import Selection, aggregation_weights
 from .user_dp import DPFedAvg
@@ -96,7 +96,6 @@ class DeviceSampling:
         total_rounds: int = 0,
         min_replies: int = 1,
         max_update_norm: float = 0.0,
-        round_timeout: float = 0.0,
         **flower_kwargs: Any,
     ) -> None:
         if reweighting is not None and (user_dp is not None or weighting == "unbiased"):
@@ -122,8 +121,11 @@ class DeviceSampling:
         self.user_dp = user_dp
         self.reweighting, self.finetune, self.total_rounds = reweighting, finetune, total_rounds
         self.min_replies, self.max_update_norm = min_replies, max_update_norm
-        self.round_timeout = round_timeout
+        self.round_timeout = 0.0  # the loop's wait for replies, for the failures it names
         self.attempt = 0  # the round's retry (set by the round loop): a fresh selection
+        # devices not to ask now (set by the round loop): still busy with a message the server
+        # gave up on, or failed in an earlier attempt of this round
+        self.unavailable: set[int] = set()
         self.last_selection: dict[str, list | int] = {}
         self.last_failures: list[Failure] = []
         self._expected: dict[int, int] = {}  # node -> device asked to train this round
@@ -137,6 +139,9 @@ class DeviceSampling:
         if self.user_dp is not None:
             return self._configure_private(server_round, arrays, config, grid)
         counts = self.registry.counts(server_round)
+        if self.unavailable:
+            counts = counts.copy()
+            counts[sorted(self.unavailable)] = 0
         selection = self._selection_at(server_round)
         if phase := self._in_phase(server_round):
             if self._cohort is None:
@@ -177,10 +182,10 @@ class DeviceSampling:
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         # Sorted by device: a fixed order makes the floating-point sum, and so a resumed run,
         # reproducible.
-        ok, self.last_failures = screen_replies(
+        ok, self.last_failures, identified = screen_replies(
             replies, self._expected, self._global, self.round_timeout
         )
-        self.registry.update(ok)
+        self.registry.update(identified)  # a dropped reply's budget report still counts
         if self.user_dp is not None:  # a dropped reply counts as a device that sent nothing
             return self._aggregate_private(server_round, ok)
         if len(ok) < self.min_replies:
@@ -198,12 +203,20 @@ class DeviceSampling:
                 self._losses[device] = float(msg.content["metrics"][LOSS_KEY])
         if self.reweighting is not None:
             self._reweight(ok)
-        arrays, metrics = super().aggregate_train(server_round, ok)
-        if arrays is not None and self.weighting == "unbiased":
+        arrays, metrics = self._flower_aggregate(server_round, ok)
+        if arrays is None:  # Flower's strategy had too few replies for its rule
+            raise TooFewReplies(server_round, len(ok), len(ok) + 1, self.last_failures)
+        if self.weighting == "unbiased":
             arrays = self._horvitz_thompson(
                 arrays, sum(self._weight_of[int(m.content["device"]["device"])] for m in ok)
             )
         return arrays, metrics
+
+    def _flower_aggregate(
+        self, server_round: int, ok: list[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """The wrapped Flower strategy's aggregation of the screened replies."""
+        return super().aggregate_train(server_round, ok)
 
     def device_losses(self) -> np.ndarray:
         """Each device's last reported loss at the global model (NaN: never reported)."""
@@ -256,7 +269,9 @@ class DeviceSampling:
         self.last_selection = {"devices_sampled": len(sampled)}
         # A sampled device without data has nothing to send: it counts as one that did not reply.
         self._expected = {
-            self.registry.node_of_device[int(d)]: int(d) for d in sampled if counts[d] > 0
+            self.registry.node_of_device[int(d)]: int(d)
+            for d in sampled
+            if counts[d] > 0 and int(d) not in self.unavailable  # busy: counts as no reply
         }
         nodes = list(self._expected)
         if not nodes:  # nobody to ask; the round still releases the noise-only update
@@ -272,6 +287,10 @@ class DeviceSampling:
         No per-device metric (train loss, counts) is returned: the run folder is a release.
         """
         ok = [m for m in replies if int(m.content["device"]["device"]) in self._sampled]
+        failed = self.last_failures
+        if not ok and failed and all(f.reason.startswith("raised:") for f in failed):
+            # every device asked raised: a broken federation, not noise worth releasing
+            raise FederationError(f"round {server_round}: every device failed: {describe(failed)}")
         glob = {k: v.numpy() for k, v in self._global.items()}
         updates = [{k: a.numpy() for k, a in m.content[self.arrayrecord_key].items()} for m in ok]
         mean = self.user_dp.release(glob, updates, server_round)
@@ -354,38 +373,3 @@ class SampledFedAdam(DeviceSampling, FedAdam):
     def load_state(self, state: dict[str, dict[str, np.ndarray]]) -> None:
         super().load_state(state)
         self.m_t, self.v_t = state.get("m_t"), state.get("v_t")
-
-
-class SampledQFedAvg(DeviceSampling, QFedAvg):
-    """Flower's q-FedAvg (q-FFL, Li et al. 2020) with fedtrust's selection.
-
-    q-FFL minimises sum_k p_k F_k^(q+1) / (q+1): the larger q, the more a device's update counts
-    when its loss F_k is high (q = 0 is FedAvg with equal weights). F_k must be the loss at the
-    current global model, which is what devices report as "global_loss" when told to
-    (`train_loss_key`); the Lipschitz estimate is L = 1 / client_learning_rate. Flower's q-FedAvg
-    weighs each reply by F_k^q and normalises by sum_k h_k: fedtrust's aggregation weights are
-    not used, so neither reweighting nor the unbiased weighting applies. L = 1/lr assumes SGD
-    local steps (w - w_k = lr * summed gradients); after AdamW steps ||w - w_k||^2 grows with the
-    parameter count and h_k's norm term shrinks the server step to almost nothing, so give AdamW
-    devices a larger `client_learning_rate` here (the run config's `server.qffl_lr`; the
-    fairness sweep uses 1.0).
-    """
-
-    def __init__(
-        self,
-        *,
-        client_learning_rate: float,
-        q: float = 0.1,
-        train_loss_key: str = LOSS_KEY,
-        **kwargs: Any,
-    ) -> None:
-        if kwargs.get("user_dp") is not None:
-            raise ValueError("q-FedAvg reads every device's loss: not with user-level DP")
-        if kwargs.get("reweighting") is not None or kwargs.get("weighting") == "unbiased":
-            raise ValueError("q-FedAvg ignores aggregation weights: no reweighting, no 'unbiased'")
-        super().__init__(
-            client_learning_rate=client_learning_rate,
-            q=q,
-            train_loss_key=train_loss_key,
-            **kwargs,
-        )

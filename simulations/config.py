@@ -57,7 +57,7 @@ class ServerConfig:
     max_update_norm: float = 0.0  # > 0: each reply's update is scaled down to this L2 norm
     min_replies: int = 1  # a round needs this many usable replies, else it is retried
     retries: int = 1  # fresh selections of a round with too few replies before it is skipped
-    round_timeout: float = 0.0  # seconds to wait for replies (0 = no limit); late = failed
+    round_timeout: float = 3600.0  # seconds to wait for replies (0 = no limit); late = failed
     q: float = 0.2  # qfedavg: fairness exponent of q-FFL (0 = FedAvg-like)
     qffl_lr: float = 0.0  # qfedavg: L = 1 / qffl_lr (0 = client.lr, the paper's SGD devices)
     rounds: int = 12

@@ -15,16 +15,12 @@ from flwr.app import ConfigRecord
 from fedtrust.clients.budget import planned_participations
 from fedtrust.clients.settings import DeviceDP, TrainInstructions
 from fedtrust.server.finetune import CohortFinetune
+from fedtrust.server.qffl import SampledQFedAvg
 from fedtrust.server.registry import DeviceRegistry
 from fedtrust.server.reweighting import AdversarialReweighting
 from fedtrust.server.robust import ROBUST
 from fedtrust.server.selection import ActivitySelection, Selection, UniformSelection
-from fedtrust.server.strategy import (
-    DeviceSampling,
-    SampledFedAdam,
-    SampledFedAvg,
-    SampledQFedAvg,
-)
+from fedtrust.server.strategy import DeviceSampling, SampledFedAdam, SampledFedAvg
 from fedtrust.server.user_dp import DPFedAvg
 
 from .config import Config, MitigationConfig, SelectionConfig, needs_device_losses
@@ -114,17 +110,13 @@ def make_strategy(cfg: Config, registry: DeviceRegistry, num_devices: int) -> De
         user_dp=user_level_dp(cfg, num_devices),
         min_replies=cfg.server.min_replies,
         max_update_norm=cfg.server.max_update_norm,
-        round_timeout=cfg.server.round_timeout,
         **mitigations(cfg),
     )
     s = cfg.server
     if s.aggregation in ("krum", "bulyan"):
         return ROBUST[s.aggregation](**common, num_malicious_nodes=s.malicious)
     if s.aggregation == "multikrum":
-        k = cfg.selection.devices_per_round
-        return ROBUST[s.aggregation](
-            **common, num_malicious_nodes=s.malicious, num_nodes_to_select=k - s.malicious
-        )
+        return ROBUST[s.aggregation](**common, num_malicious_nodes=s.malicious)
     if s.aggregation == "fedtrimmedavg":
         return ROBUST[s.aggregation](**common, beta=s.trim_beta)
     if s.aggregation == "fedmedian":

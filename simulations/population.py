@@ -82,7 +82,7 @@ class Population:
         return self.names[device]
 
     def count(self, device: int, server_round: int) -> int:
-        return int(self.counts(server_round)[device])
+        return self.schedule.count(device, server_round)
 
     def stream_length(self, device: int) -> int:
         return len(self.parts[device])

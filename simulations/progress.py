@@ -6,7 +6,6 @@ Only on a terminal: in a log (CI, a file) rich draws no bar and only the round l
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import numpy as np
@@ -40,7 +39,6 @@ class RoundPrinter:
         self.progress.disable = quiet
         self.bar = self.progress.add_task("rounds", total=cfg.server.rounds)
         self.inside = self.progress.add_task("", total=None, visible=False)
-        self._round, self._began = 0, time.monotonic()
         self._seconds: list[float] = []  # the finished rounds' durations
 
     def __enter__(self) -> RoundPrinter:
@@ -50,11 +48,11 @@ class RoundPrinter:
     def __exit__(self, *exc: object) -> None:
         self.progress.stop()
 
-    def on_reply(self, server_round: int, done: int, asked: int, examples: int) -> None:
+    def on_reply(
+        self, server_round: int, done: int, asked: int, examples: int, seconds: float
+    ) -> None:
         """Live progress inside a round (`fedtrust.server.federation.RoundCallback`)."""
-        if server_round != self._round:
-            self._round, self._began = server_round, time.monotonic()
-        elapsed = max(time.monotonic() - self._began, 1e-9)
+        elapsed = max(seconds, 1e-3)
         round_eta = elapsed / max(done, 1) * (asked - done)
         mean_round = np.mean(self._seconds) if self._seconds else elapsed + round_eta
         run_eta = round_eta + mean_round * (self.cfg.server.rounds - server_round)

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 
 from fedtrust.server.finetune import CohortFinetune
+from fedtrust.server.qffl import SampledQFedAvg
 from fedtrust.server.registry import DeviceRegistry
 from fedtrust.server.reweighting import AdversarialReweighting
-from fedtrust.server.strategy import SampledQFedAvg
 from fedtrust.simulations.compare import (
     comparison_figure,
     markdown_table,

@@ -47,7 +47,7 @@ def test_crashes_stragglers_and_garbage_are_dropped_logged_and_never_aggregated(
     cfg = _cfg(
         tmp_path, tiny_bert, intent_jsonl, "faulty",
         "faults.crash=0.15", "faults.nan=0.15", "faults.malformed=0.15",
-        "faults.slow=0.1", "faults.slow_seconds=12", "server.round_timeout=8",
+        "faults.slow=0.1", "faults.slow_seconds=10", "server.round_timeout=6",
     )  # fmt: skip
     run_dir, summary = simulate(cfg)
     rows = _rows(run_dir)
@@ -74,14 +74,14 @@ def test_a_round_with_too_few_replies_is_retried_then_skipped_keeping_the_model(
     cfg = _cfg(
         tmp_path, tiny_bert, intent_jsonl, "strict",
         "selection.devices_per_round=4", "server.min_replies=4", "server.retries=1",
-        "faults.crash=0.3", "server.rounds=4",
+        "faults.crash=0.5", "server.rounds=4",
     )  # fmt: skip
     run_dir, _ = simulate(cfg)
     rows = _rows(run_dir)
     skipped = [r for r in rows[1:] if r.get("skipped")]
-    assert skipped, "crash = 0.3 with 4 of 4 replies needed skips some round for this seed"
+    assert skipped, "crash = 0.5 with 4 of 4 replies needed skips some round for this seed"
     for before, row in zip(rows, rows[1:]):
-        if row.get("skipped"):  # two attempts, each with a crash; the model stayed as it was
+        if row.get("skipped"):  # two attempts (the second without the first's crashed devices)
             assert len({f["device"] for f in row["failures"]}) >= 2
             assert row["loss"] == pytest.approx(before["loss"], abs=1e-7)
         else:  # the attempt that counted had no crash
@@ -116,3 +116,4 @@ def test_a_robust_aggregation_keeps_the_accuracy_two_lying_devices_take_from_fed
     print("final accuracy, tiny intents, 2 of 12 devices sign-flipping x10:", accuracy)
     assert accuracy["fedmedian"] >= accuracy["clean"] - 0.1
     assert accuracy["fedmedian"] >= accuracy["fedavg"] + 0.2
+    assert accuracy["bounded"] > accuracy["fedavg"]  # norm bounding alone limits the damage

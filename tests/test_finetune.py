@@ -30,9 +30,10 @@ from fedtrust.clients.settings import ClientSettings, DeviceDP, TrainInstruction
 from fedtrust.clients.train import EWCPenalty, train_local
 from fedtrust.server.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from fedtrust.server.finetune import CohortFinetune, Upweighted
+from fedtrust.server.qffl import SampledQFedAvg
 from fedtrust.server.registry import DeviceRegistry
 from fedtrust.server.selection import ActivitySelection, UniformSelection
-from fedtrust.server.strategy import SampledFedAvg, SampledQFedAvg
+from fedtrust.server.strategy import SampledFedAvg
 from fedtrust.server.user_dp import DPFedAvg
 from fedtrust.tasks import Task, trainable_state
 

@@ -27,10 +27,11 @@ from flwr.app import (
 from fedtrust.clients.app import make_client_app
 from fedtrust.clients.settings import ClientSettings, DeviceDP, TrainInstructions
 from fedtrust.errors import FederationError
+from fedtrust.server.qffl import SampledQFedAvg
 from fedtrust.server.registry import DeviceRegistry
 from fedtrust.server.reweighting import AdversarialReweighting
 from fedtrust.server.selection import UniformSelection
-from fedtrust.server.strategy import SampledFedAvg, SampledQFedAvg
+from fedtrust.server.strategy import SampledFedAvg
 from fedtrust.server.user_dp import DPFedAvg
 from fedtrust.tasks import trainable_state
 from fedtrust.tasks.lm import CharLMTask

@@ -16,10 +16,11 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from flwr.app.message import arrayrecord
 
 from fedtrust.server.finetune import CohortFinetune
+from fedtrust.server.qffl import SampledQFedAvg
 from fedtrust.server.registry import DeviceRegistry
 from fedtrust.server.reweighting import AdversarialReweighting
 from fedtrust.server.selection import ActivitySelection, UniformSelection
-from fedtrust.server.strategy import SampledFedAvg, SampledQFedAvg
+from fedtrust.server.strategy import SampledFedAvg
 
 TARGET = np.array([1.0] * 8 + [-1.0] * 2)
 COUNTS = np.array([400.0] * 8 + [5.0] * 2)

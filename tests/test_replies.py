@@ -14,7 +14,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from fedtrust.clients.faults import DeviceCrash, FaultInjector, FaultSettings
 from fedtrust.clients.settings import ClientSettings, TrainInstructions
 from fedtrust.server.registry import DeviceRegistry
-from fedtrust.server.replies import bound_update, screen_replies, update_norm
+from fedtrust.server.replies import TooFewReplies, bound_update, screen_replies, update_norm
 from fedtrust.simulations.config import load_config
 from fedtrust.simulations.federation import make_strategy
 
@@ -64,8 +64,9 @@ def test_every_kind_of_bad_reply_is_dropped_with_its_device_and_reason():
         _reply(3, [1, 1, 1, 1], node=106),  # node 106 is device 6 but says it is device 3
         good,
     ]  # device 7 never replies
-    usable, failures = screen_replies(replies, expected, GLOBAL, timeout=30)
+    usable, failures, identified = screen_replies(replies, expected, GLOBAL, timeout=30)
     assert usable == [good]
+    assert identified == [replies[0], replies[1], replies[3], good]  # answered as themselves
     assert [(f.device, f.reason) for f in failures] == [
         (1, "non-finite weights in w"),
         (2, "malformed weights: w has shape (3,), not (4,)"),
@@ -80,8 +81,35 @@ def test_every_kind_of_bad_reply_is_dropped_with_its_device_and_reason():
 def test_a_reply_missing_a_tensor_is_dropped():
     reply = _reply(0, [1, 1, 1, 1])
     del reply.content["arrays"]["b"]
-    usable, failures = screen_replies([reply], {100: 0}, GLOBAL)
+    usable, failures, _ = screen_replies([reply], {100: 0}, GLOBAL)
     assert usable == [] and failures[0].reason == "malformed weights: missing b"
+
+
+def test_replies_flower_would_choke_on_are_dropped_not_raised():
+    no_metrics = _reply(0, [1, 1, 1, 1])
+    del no_metrics.content["metrics"]
+    integers = _reply(1, [1, 1, 1, 1])
+    integers.content["arrays"]["w"] = Array(np.ones(4, np.int64))
+    other_keys = _reply(2, [1, 1, 1, 1])
+    other_keys.content["metrics"]["extra"] = 1.0
+    no_available = _reply(3, [1, 1, 1, 1])
+    del no_available.content["device"]["available"]
+    extra_record = _reply(4, [1, 1, 1, 1])
+    extra_record.content["other"] = ArrayRecord({"x": Array(np.ones(2, np.float32))})
+    good = [_reply(d, [1, 1, 1, 1]) for d in (5, 6)]
+    float64 = _reply(7, [1, 1, 1, 1])
+    float64.content["arrays"]["w"] = Array(np.ones(4, np.float64))
+    replies = [no_metrics, integers, other_keys, no_available, extra_record, *good, float64]
+    usable, failures, _ = screen_replies(replies, {100 + d: d for d in range(8)}, GLOBAL)
+    assert usable == [*good, float64]
+    assert float64.content["arrays"]["w"].numpy().dtype == np.float32  # cast to the global's
+    assert [(f.device, f.reason) for f in failures] == [
+        (0, "malformed reply: needs exactly one metric record 'metrics'"),
+        (1, "malformed weights: w is int64, not float32"),
+        (2, "malformed reply: metrics differ from the others (extra)"),
+        (3, "malformed reply: its device record lacks an integer device or available"),
+        (4, "malformed reply: unexpected weight records other"),
+    ]
 
 
 def _strategy(*settings: str, n: int = 10):
@@ -147,6 +175,50 @@ def _attacked_round(aggregation: str, *extra: str) -> np.ndarray:
     arrays, _ = strategy.aggregate_train(1, replies)
     assert arrays["w"].numpy().dtype == np.float32
     return arrays["w"].numpy()
+
+
+@pytest.mark.parametrize("aggregation", ["krum", "multikrum", "bulyan"])
+def test_krum_rules_find_the_liars_on_a_large_model_with_small_updates(aggregation):
+    """2M weights of size ~1, honest updates of size 5e-6 per coordinate: the distances Krum
+    compares are tiny next to the weights themselves (float32 cancellation would hide them)."""
+    rng = np.random.default_rng(1)
+    size = 2_000_000
+    glob = rng.normal(size=size).astype(np.float32)
+    record = ArrayRecord({"w": Array(glob)})
+    settings = ["partition.num_devices=11", "selection.devices_per_round=11"]
+    cfg = load_config(None, [*settings, f"server.aggregation={aggregation}", "server.malicious=2"])
+    registry = DeviceRegistry({d: 100 + d for d in range(11)}, metadata=lambda r: np.full(11, 10))
+    strategy = make_strategy(cfg, registry, 11)
+    list(strategy.configure_train(1, record, ConfigRecord({}), FakeGrid(11)))
+    direction = rng.normal(size=size).astype(np.float32) * 5e-6
+    replies = []
+    for d in range(11):
+        update = direction + 5e-7 * rng.normal(size=size).astype(np.float32)
+        weights = glob + (-10 * update if d < 2 else update)
+        replies.append(Reply(RecordDict({
+            "arrays": ArrayRecord({"w": Array(weights.astype(np.float32))}),
+            "metrics": MetricRecord({"num-examples": 10}),
+            "device": ConfigRecord({"device": d, "available": 10}),
+        }), metadata=SimpleNamespace(src_node_id=100 + d)))  # fmt: skip
+    arrays, _ = strategy.aggregate_train(1, replies)
+    moved = arrays["w"].numpy().astype(np.float64) - glob
+    assert moved @ direction > 0.5 * direction @ direction  # with the honest, not the liars
+
+
+@pytest.mark.parametrize(("aggregation", "needed"), [("krum", 7), ("multikrum", 7), ("bulyan", 11)])
+def test_a_robust_rule_with_too_few_usable_replies_asks_for_a_retry(aggregation, needed):
+    strategy = _strategy(f"server.aggregation={aggregation}", "server.malicious=2", n=11)
+    replies = [_reply(d, [1, 1, 1, 1]) for d in range(needed - 1)]
+    with pytest.raises(TooFewReplies, match=f"{needed - 1} usable replies, {needed} needed"):
+        strategy.aggregate_train(1, replies)
+
+
+def test_multikrum_averages_all_but_f_of_the_replies_that_came():
+    strategy = _strategy("server.aggregation=multikrum", "server.malicious=1", n=10)
+    replies = [_reply(d, np.full(4, float(d == 0) * 100 + 1)) for d in range(8)]  # 2 dropped
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert strategy.num_nodes_to_select == 7
+    assert np.allclose(arrays["w"].numpy(), 1.0)  # the outlier is the one left out
 
 
 def test_fedavg_is_dragged_by_two_lying_devices():
