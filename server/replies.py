@@ -134,11 +134,12 @@ def _content_problem(
         if tuple(array.shape) != shape:
             return f"malformed weights: {key} has shape {tuple(array.shape)}, not {shape}"
         try:
-            values = array.numpy()
+            kind = np.dtype(array.dtype).kind
+            values = array.numpy() if kind == dtype.kind else None
         except Exception as err:  # corrupt bytes: whatever numpy raises, the reply is unusable
             return f"malformed weights: {key} cannot be read ({type(err).__name__})"
-        if values.dtype.kind != dtype.kind:
-            return f"malformed weights: {key} is {values.dtype}, not {dtype}"
+        if values is None:
+            return f"malformed weights: {key} is {array.dtype}, not {dtype}"
         if not np.isfinite(values).all():
             return f"non-finite weights in {key}"
     for key, value in content[METRICS_KEY].items():
@@ -149,7 +150,7 @@ def _content_problem(
 
 def _cast_weights(content: RecordDict, specs: dict[str, tuple[tuple[int, ...], np.dtype]]) -> None:
     arrays = content[ARRAYS_KEY]
-    if any(arrays[k].numpy().dtype != dtype for k, (_, dtype) in specs.items()):
+    if any(np.dtype(arrays[k].dtype) != dtype for k, (_, dtype) in specs.items()):
         content[ARRAYS_KEY] = ArrayRecord(
             {
                 k: Array(np.asarray(arrays[k].numpy(), dtype=dtype))

@@ -65,7 +65,7 @@ class ServerConfig:
     beta_1: float = 0.9
     beta_2: float = 0.99
     tau: float = 1e-3
-    eval_examples: int = 1000  # per-round central evaluation subset (0 = whole test set)
+    eval_examples: int = 500  # per-round central evaluation subset (0 = whole test set)
     eval_batch_size: int = 256
     oos_rejection: Literal["msp", "energy", "none"] = "msp"  # intent: reject below a tuned score
 
