@@ -148,6 +148,7 @@ def train_device(source: DeviceData, device: int, msg: Message, context: Context
     if faults is not None:
         received = msg.content["arrays"].to_torch_state_dict()
         weights = faults.corrupt(weights, received)
+        metrics = faults.corrupt_metrics(metrics)
     reply = RecordDict(
         {
             "arrays": ArrayRecord(weights),

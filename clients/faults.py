@@ -30,13 +30,17 @@ class FaultSettings:
     slow_seconds: float = 0.0
     nan: float = 0.0  # replies with NaN in its weights
     malformed: float = 0.0  # replies with a tensor of the wrong shape and one key missing
+    nan_metric: float = 0.0  # reports a NaN training loss
     byzantine: int = 0  # devices 0 .. byzantine-1 always send a malicious update
     attack: Literal["sign-flip", "scale"] = "sign-flip"  # the malicious update: -s*u or s*u
     attack_scale: float = 10.0  # s, times the honest update u = trained - received
 
     @property
     def any(self) -> bool:
-        return bool(self.crash or self.slow or self.nan or self.malformed or self.byzantine)
+        return bool(
+            self.crash or self.slow or self.nan or self.malformed or self.nan_metric
+            or self.byzantine
+        )  # fmt: skip
 
 
 class FaultInjector:
@@ -44,10 +48,11 @@ class FaultInjector:
 
     def __init__(self, settings: FaultSettings, seed: int, server_round: int, device: int) -> None:
         self.settings, self.device = settings, device
-        u = np.random.default_rng([seed, server_round, device, 0xFA17]).random(4)
+        u = np.random.default_rng([seed, server_round, device, 0xFA17]).random(5)
         s = settings
         self.crashes, self.slow = u[0] < s.crash, u[1] < s.slow
         self.nan, self.malformed = u[2] < s.nan, u[3] < s.malformed
+        self.nan_metric = u[4] < s.nan_metric
         self.byzantine = device < s.byzantine
 
     def before_training(self) -> None:
@@ -56,6 +61,10 @@ class FaultInjector:
             time.sleep(self.settings.slow_seconds)
         if self.crashes:
             raise DeviceCrash(f"device {self.device}: simulated crash (faults.crash)")
+
+    def corrupt_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
+        """The metrics the device actually reports."""
+        return {**metrics, "train_loss": float("nan")} if self.nan_metric else metrics
 
     def corrupt(
         self, trained: dict[str, torch.Tensor], received: dict[str, torch.Tensor]

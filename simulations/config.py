@@ -301,7 +301,7 @@ def _validate_robustness(cfg: Config, require: Callable[[bool, str, str], None])
         "mitigation.reweighting",
         f"{{value!r}} reweights a mean; server.aggregation = {v.aggregation!r} is not one",
     )
-    for name in ("crash", "slow", "nan", "malformed"):
+    for name in ("crash", "slow", "nan", "malformed", "nan_metric"):
         require(0 <= getattr(f, name) <= 1, f"faults.{name}", "must be in [0, 1], got {value}")
     require(f.slow_seconds >= 0, "faults.slow_seconds", "must be >= 0, got {value}")
     require(f.byzantine >= 0, "faults.byzantine", "must be >= 0, got {value}")

@@ -38,6 +38,8 @@ def _expected_reason(faults: FaultInjector) -> str | None:
         return "malformed weights"
     if faults.nan:
         return "non-finite weights"
+    if faults.nan_metric:
+        return "non-finite metric train_loss"
     return None
 
 
@@ -46,7 +48,7 @@ def test_crashes_stragglers_and_garbage_are_dropped_logged_and_never_aggregated(
 ):
     cfg = _cfg(
         tmp_path, tiny_bert, intent_jsonl, "faulty",
-        "faults.crash=0.15", "faults.nan=0.15", "faults.malformed=0.15",
+        "faults.crash=0.15", "faults.nan=0.15", "faults.malformed=0.15", "faults.nan_metric=0.15",
         "faults.slow=0.1", "faults.slow_seconds=10", "server.round_timeout=6",
     )  # fmt: skip
     run_dir, summary = simulate(cfg)
@@ -61,7 +63,7 @@ def test_crashes_stragglers_and_garbage_are_dropped_logged_and_never_aggregated(
             else:
                 assert expected in logged[device], (row["round"], device, logged[device])
                 seen.add(expected)
-    assert len(seen) >= 3, seen  # the seed gives most kinds of fault in three rounds
+    assert len(seen) >= 4, seen  # the seed gives most kinds of fault in three rounds
     final = load_file(run_dir / "checkpoint" / "model.safetensors")
     assert all(np.isfinite(v).all() for v in final.values())
     assert np.isfinite(summary["final"]["loss"])

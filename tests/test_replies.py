@@ -274,6 +274,8 @@ def test_nan_and_malformed_faults_produce_what_screening_drops():
     assert torch.isnan(nan["w"]).any() and not torch.isnan(trained["w"]).any()
     bad = FaultInjector(FaultSettings(malformed=1.0), 0, 1, 0).corrupt(trained, trained)
     assert set(bad) == {"b"} and bad["b"].shape == (3, 1)
+    metrics = FaultInjector(FaultSettings(nan_metric=1.0), 0, 1, 0).corrupt_metrics({"x": 1.0})
+    assert np.isnan(metrics["train_loss"]) and metrics["x"] == 1.0
 
 
 def test_faults_travel_with_the_training_instructions():
