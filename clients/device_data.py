@@ -62,13 +62,13 @@ class ArrivalSchedule:
 
     def count(self, device: int, server_round: int) -> int:
         """Examples `device` holds in `server_round` (one device: no vector work)."""
-        arrived = int(self.arrived(server_round)[device])
-        cap = self.settings.capacity
-        return min(arrived, cap) if cap > 0 and self.settings.mode != "static" else arrived
+        return int(self._held(self.arrived(server_round)[device]))
 
     def counts(self, server_round: int) -> np.ndarray:
         """Examples each device holds in `server_round`: arrived, up to the storage cap."""
-        arrived = self.arrived(server_round)
+        return self._held(self.arrived(server_round))
+
+    def _held(self, arrived: np.ndarray) -> np.ndarray:
         cap = self.settings.capacity
         return np.minimum(arrived, cap) if cap > 0 and self.settings.mode != "static" else arrived
 

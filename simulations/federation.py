@@ -113,9 +113,7 @@ def make_strategy(cfg: Config, registry: DeviceRegistry, num_devices: int) -> De
         **mitigations(cfg),
     )
     s = cfg.server
-    if s.aggregation in ("krum", "bulyan"):
-        return ROBUST[s.aggregation](**common, num_malicious_nodes=s.malicious)
-    if s.aggregation == "multikrum":
+    if s.aggregation in ("krum", "multikrum", "bulyan"):
         return ROBUST[s.aggregation](**common, num_malicious_nodes=s.malicious)
     if s.aggregation == "fedtrimmedavg":
         return ROBUST[s.aggregation](**common, beta=s.trim_beta)
