@@ -6,7 +6,7 @@ Subpackages are found, never listed by hand, so a new one cannot drop out of the
 
 from setuptools import find_packages, setup
 
-LAYERS = ("tasks", "privacy", "fairness", "clients", "server", "simulations")
+LAYERS = ("tasks", "privacy", "compression", "fairness", "clients", "server", "simulations")
 
 setup(
     packages=["fedtrust"]

@@ -13,18 +13,22 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedtrust.compression import CompressionSettings
 from fedtrust.errors import ConfigError
 from fedtrust.privacy.accounting import resolve_delta
 from fedtrust.tasks import Task, load_trainable_state, trainable_state
 
 from .budget import STATE_DIR, BudgetStore, DeviceBudget
+from .downlink import HeldModels
 from .faults import FaultInjector
 from .settings import ClientSettings, DeviceDP, FinetuneRequest, TrainInstructions
 from .train import EWCPenalty, LocalDP, fisher_diagonal, global_model_loss, train_local
+from .updates import LearnedDiff, ResidualStore, encode_update, planned_steps, round_seed
 
 
 class DeviceData(Protocol):
@@ -44,7 +48,11 @@ class DeviceData(Protocol):
     def stream_length(self, device: int) -> int: ...
 
 
-_MODELS: dict[int, torch.nn.Module] = {}  # one model per process, reused across devices
+COMPRESSION_KEY = "compression"  # what the server tells this device about compressed links
+_MODELS: dict[tuple[int, int], torch.nn.Module] = {}  # one per process, reused by devices
+_INITIAL: dict[
+    tuple[int, int], dict[str, np.ndarray]
+] = {}  # its trainable state as built (version 0)
 
 
 def make_client_app(data: Callable[[Context], DeviceData]) -> ClientApp:
@@ -101,8 +109,17 @@ def train_device(source: DeviceData, device: int, msg: Message, context: Context
     rows = source.rows(device, server_round)
     on = torch_device(settings.client)  # cpu, or cuda with client.num_gpus > 0
     model = _model(source, settings.seed).to(on)  # the cached model stays there
-    load_trainable_state(model, msg.content["arrays"].to_torch_state_dict())
+    load_trainable_state(model, _global_model(msg, source, settings, context))
     seed = hash((settings.seed, server_round, device)) % 2**31
+    received = {k: v.cpu().clone() for k, v in trainable_state(model).items()}
+    codec = settings.compression
+    c = settings.client
+    # hashed diffs: one hashing per round, shared by its devices; quantisation: the device's own
+    codec_seed = round_seed(settings.seed, server_round) if _hashed(codec) else seed
+    diff = LearnedDiff.start(
+        codec, model, planned_steps(len(rows), c.batch_size, c.epochs, c.steps), codec_seed
+    )
+    hooks = {} if diff is None else {"after_step": diff.after_step, "before_step": diff.before_step}
     info: dict[str, Any] = {"device": device, "available": len(rows)}  # public metadata
     metrics: dict[str, Any] = {}
     extra: dict[str, ArrayRecord] = {}
@@ -119,7 +136,9 @@ def train_device(source: DeviceData, device: int, msg: Message, context: Context
             fisher = msg.content["fisher"].to_torch_state_dict()
             fisher = {k: v.to(on) for k, v in fisher.items()}
             penalty = EWCPenalty(fisher, anchor, request.ewc_lambda)
-        result = train_local(model, source.task, rows, settings.client, seed, penalty=penalty)
+        result = train_local(
+            model, source.task, rows, settings.client, seed, penalty=penalty, **hooks
+        )
         metrics["num-examples"] = len(rows)
         if settings.report_loss:
             metrics["train_loss"] = result.train_loss
@@ -131,7 +150,7 @@ def train_device(source: DeviceData, device: int, msg: Message, context: Context
         if settings.dp.reproducible_noise:
             budget.forget(server_round)
         dp = local_dp(settings.dp, budget, source.stream_length(device))
-        result = train_local(model, source.task, rows, settings.client, seed, dp)
+        result = train_local(model, source.task, rows, settings.client, seed, dp, **hooks)
         budget.record(server_round, result.spent)
         budget.exhausted = (
             result.budget_exhausted or budget.participations >= settings.dp.participations
@@ -144,11 +163,17 @@ def train_device(source: DeviceData, device: int, msg: Message, context: Context
             **{"noise-multiplier": result.noise_multiplier},
             **{"budget-exhausted": budget.exhausted},
         )
+    learned = None if diff is None else diff.update()  # last projection: the target density
     weights = {k: v.cpu().clone() for k, v in trainable_state(model).items()}
     if faults is not None:
-        received = msg.content["arrays"].to_torch_state_dict()
         weights = faults.corrupt(weights, received)
         metrics = faults.corrupt_metrics(metrics)
+        learned = None
+    if codec is not None and _encodable(weights, received):
+        update = learned or {k: weights[k] - received[k] for k in weights}
+        store = ResidualStore(_state_dir(settings, context))
+        made_in = int(msg.content[COMPRESSION_KEY]["residual-round"])
+        weights = encode_update(update, codec, store, device, server_round, codec_seed, made_in)
     reply = RecordDict(
         {
             "arrays": ArrayRecord(weights),
@@ -158,6 +183,32 @@ def train_device(source: DeviceData, device: int, msg: Message, context: Context
         }
     )
     return Message(reply, reply_to=msg)
+
+
+def _global_model(
+    msg: Message, source: DeviceData, settings: TrainInstructions, context: Context
+) -> dict[str, torch.Tensor]:
+    """The global model the message carries: dense, or (compressed downlink) the entries that
+    changed since the version this device holds."""
+    if COMPRESSION_KEY not in msg.content.config_records:
+        return msg.content["arrays"].to_torch_state_dict()
+    held = HeldModels(_state_dir(settings, context), _initial_state(source, settings.seed))
+    state = held.receive(msg.content["arrays"], msg.content[COMPRESSION_KEY])
+    return {k: torch.from_numpy(v) for k, v in state.items()}
+
+
+def _hashed(codec: CompressionSettings | None) -> bool:
+    return codec is not None and codec.method == "hashed-diff"
+
+
+def _encodable(weights: dict[str, torch.Tensor], like: dict[str, torch.Tensor]) -> bool:
+    """Whether `weights` can be encoded as an update of `like`: not when a fault made them
+    malformed or non-finite (they are then sent as they are, and the server drops them)."""
+    return (
+        weights.keys() == like.keys()
+        and all(weights[k].shape == like[k].shape for k in like)
+        and all(bool(torch.isfinite(v).all()) for v in weights.values())
+    )
 
 
 def torch_device(settings: ClientSettings) -> torch.device:
@@ -175,11 +226,21 @@ def torch_device(settings: ClientSettings) -> torch.device:
 
 
 def _model(source: DeviceData, seed: int) -> torch.nn.Module:
-    key = id(source)
+    key = (id(source), seed)
     if key not in _MODELS:
         _MODELS.clear()
         _MODELS[key] = source.task.build_model(seed)
+        _INITIAL.clear()
+        _INITIAL[key] = {
+            k: v.cpu().numpy().copy() for k, v in trainable_state(_MODELS[key]).items()
+        }
     return _MODELS[key]
+
+
+def _initial_state(source: DeviceData, seed: int) -> dict[str, np.ndarray]:
+    """The trainable state of the model as the device builds it (the global version 0)."""
+    _model(source, seed)
+    return _INITIAL[(id(source), seed)]
 
 
 def _state_dir(settings: TrainInstructions, context: Context) -> Path:

@@ -17,6 +17,8 @@ from typing import Any, Literal
 
 from flwr.app import ConfigRecord
 
+from fedtrust.compression import CompressionSettings
+
 from .faults import FaultSettings
 
 
@@ -61,6 +63,7 @@ class TrainInstructions:
     # DP, where no mechanism covers it
     global_loss: bool = False
     faults: FaultSettings | None = None  # simulated faults to inject (robustness studies)
+    compression: CompressionSettings | None = None  # how the update is sent (None: dense)
 
     def __post_init__(self) -> None:
         if self.global_loss and self.dp is not None:
@@ -78,11 +81,16 @@ class TrainInstructions:
             fields |= {f"dp.{k}": v for k, v in dataclasses.asdict(self.dp).items()}
         if self.faults is not None:
             fields |= {f"faults.{k}": v for k, v in dataclasses.asdict(self.faults).items()}
+        if self.compression is not None:
+            fields |= {
+                f"compression.{k}": v for k, v in dataclasses.asdict(self.compression).items()
+            }
         return ConfigRecord(fields)
 
     @classmethod
     def from_record(cls, record: ConfigRecord) -> TrainInstructions:
         dp, faults = _section(record, "dp."), _section(record, "faults.")
+        compression = _section(record, "compression.")
         return cls(
             client=ClientSettings(**_section(record, "client.")),
             seed=int(record["seed"]),
@@ -91,6 +99,7 @@ class TrainInstructions:
             report_loss=bool(record["report-loss"]),
             global_loss=bool(record.get("global-loss", False)),
             faults=FaultSettings(**faults) if faults else None,
+            compression=CompressionSettings(**compression) if compression else None,
         )
 
 

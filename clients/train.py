@@ -79,6 +79,8 @@ def train_local(
     seed: int,
     dp: LocalDP | None = None,
     penalty: Callable[[nn.Module], torch.Tensor] | None = None,
+    after_step: Callable[[int], None] | None = None,
+    before_step: Callable[[], None] | None = None,
 ) -> LocalResult:
     """`settings.epochs` passes over `rows` (or exactly `settings.steps` steps).
 
@@ -86,7 +88,9 @@ def train_local(
     eDP-SGD engine; each sample's loss is its own (a per-row mean over its own tokens, summed
     over rows), so adding or removing a row never rescales the others' gradients.
     `penalty(model)` is added to every step's loss (not under DP: it would not be clipped); the
-    reported train loss is the data loss.
+    reported train loss is the data loss. `before_step()` runs just before every optimizer
+    step (under DP, after the noise), `after_step(steps_done)` after it: both see only what DP
+    released (post-processing); a learned diff's projections (`fedtrust.compression`).
     """
     if dp is not None and penalty is not None:
         raise ValueError("a loss penalty is not clipped per sample: not under DP")
@@ -99,6 +103,8 @@ def train_local(
         kind=settings.optimizer,
         weight_decay=settings.weight_decay,
     )
+    if before_step is not None:  # on the inner optimizer: under DP it steps after the noise
+        optimizer.register_step_pre_hook(lambda *_: before_step())
     model.train()
     if dp is None:
         rng = np.random.default_rng(seed)
@@ -115,9 +121,10 @@ def train_local(
             lambda b: model(**b).loss,
             max_steps=settings.steps,
             penalty=None if penalty is None else lambda: penalty(model),
+            after_step=after_step,
         )
         return LocalResult(train_loss=done.mean_loss, steps=done.steps)
-    return _train_private(model, optimizer, task, rows, settings, seed, dp)
+    return _train_private(model, optimizer, task, rows, settings, seed, dp, after_step)
 
 
 @torch.no_grad()
@@ -199,6 +206,7 @@ def _train_private(
     settings: ClientSettings,
     seed: int,
     dp: LocalDP,
+    after_step: Callable[[int], None] | None,
 ) -> LocalResult:
     device = _device_of(model)
     generator = torch.Generator().manual_seed(seed) if dp.reproducible else None
@@ -240,6 +248,7 @@ def _train_private(
             max_steps=settings.steps,
             reduction="sum",
             progress=progress,
+            after_step=after_step,
         )
     except PrivacyBudgetExhausted:
         exhausted = True

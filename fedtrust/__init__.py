@@ -3,7 +3,8 @@
 The package is built in one-way layers (an import never goes up; `make lint` checks it):
 
 - libraries: `fedtrust.tasks` (data, tokenizer, model, loss, metrics), `fedtrust.privacy` (the
-  eDP-SGD engine, accounting, attack algorithms), `fedtrust.fairness` (fairness metrics and
+  eDP-SGD engine, accounting, attack algorithms), `fedtrust.compression` (update codecs and
+  learned diffs, shared by devices and server), `fedtrust.fairness` (fairness metrics and
   methods). Explicit, typed arguments; no experiment config.
 - federation: `fedtrust.clients` (the Flower ClientApp, device data, local training) and
   `fedtrust.server` (the Flower ServerApp, strategies, selection, evaluation, checkpoints). They

@@ -27,6 +27,7 @@ from .evaluation import CentralEvaluator
 from .registry import DeviceRegistry, PrivacyLedger
 from .replies import Failure, TooFewReplies, describe
 from .strategy import DeviceSampling
+from .wire import message_bytes
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +97,8 @@ def run_federation(
     for server_round in range(start, rounds + 1):
         began = time.perf_counter()
         phases = {"devices": 0.0, "aggregate": 0.0}
-        new_arrays, train_metrics, failures = trainer.train(server_round, arrays, phases)
+        traffic = {"uplink_bytes": 0, "downlink_bytes": 0}
+        new_arrays, train_metrics, failures = trainer.train(server_round, arrays, phases, traffic)
         evaluated = time.perf_counter()
         row = {
             "round": server_round,
@@ -106,6 +108,7 @@ def run_federation(
             **strategy.privacy(server_round),
             "failures": [f.to_json() for f in failures],
             **({"skipped": True} if new_arrays is None else {}),
+            **traffic,
             "seconds": time.perf_counter() - began,
         }
         row["phases"] = phases | {"evaluate": began + row["seconds"] - evaluated}
@@ -148,19 +151,26 @@ class RoundTrainer:
         self.abandoned: dict[str, int] = {}  # message id -> node, for messages given up on
 
     def train(
-        self, server_round: int, arrays: ArrayRecord, phases: dict[str, float]
+        self,
+        server_round: int,
+        arrays: ArrayRecord,
+        phases: dict[str, float],
+        traffic: dict[str, int] | None = None,
     ) -> tuple[ArrayRecord | None, Any, list[Failure]]:
         """The new model (None: skipped), the training metrics and every attempt's failures;
-        adds the seconds spent on the devices (sending included) and aggregating to `phases`."""
+        adds the seconds spent on the devices (sending included) and aggregating to `phases`,
+        and the serialised bytes sent and received (every attempt's) to `traffic`."""
         failures: list[Failure] = []
         usable_any = False
+        traffic = traffic if traffic is not None else {"uplink_bytes": 0, "downlink_bytes": 0}
         for attempt in range(self.retries + 1):
             self.strategy.attempt = attempt
             self.strategy.unavailable = self._busy() | {f.device for f in failures}
             began = time.perf_counter()
             # Flower's configure_train adds `server-round` to the config it sends
             config = ConfigRecord(self.device_config)
-            messages = self.strategy.configure_train(server_round, arrays, config, self.grid)
+            messages = list(self.strategy.configure_train(server_round, arrays, config, self.grid))
+            traffic["downlink_bytes"] += message_bytes(messages)
             replies, pending = collect_replies(
                 self.grid,
                 messages,
@@ -168,6 +178,7 @@ class RoundTrainer:
                 lambda *progress: [h(server_round, *progress) for h in self.hooks],
             )
             self.abandoned |= pending
+            traffic["uplink_bytes"] += message_bytes(replies)
             received = time.perf_counter()
             phases["devices"] += received - began
             try:

@@ -10,7 +10,7 @@ global model unpoisoned by garbage; what a well-formed but malicious update can 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -55,6 +55,7 @@ def screen_replies(
     expected: dict[int, int],
     global_arrays: ArrayRecord,
     timeout: float = 0.0,
+    decode: Callable[[ArrayRecord], ArrayRecord] | None = None,
 ) -> tuple[list[Message], list[Failure], list[Message]]:
     """The replies fit for aggregation, why the others (and the silent devices) were dropped,
     and every reply that answered as the device its node was asked as (usable or not: its
@@ -62,7 +63,8 @@ def screen_replies(
 
     `expected`: node id -> device id of every node asked to train. Usable replies come sorted
     by device, their weights in the global model's dtypes (a reply of another float precision
-    is cast, one of another kind dropped).
+    is cast, one of another kind dropped). `decode`: turns a compressed reply's weights into
+    dense ones first (a ValueError drops the reply as undecodable).
     """
     specs = {k: (tuple(v.shape), v.numpy().dtype) for k, v in global_arrays.items()}
     usable: list[tuple[int, Message]] = []
@@ -78,7 +80,8 @@ def screen_replies(
         reason = _identity_problem(msg, device)
         if reason is None:
             identified.append(msg)
-            reason = _content_problem(msg.content, specs)
+            reason = _decode(msg.content, decode) if decode is not None else None
+            reason = reason or _content_problem(msg.content, specs)
         if reason is None:
             usable.append((device, msg))
         else:
@@ -90,6 +93,17 @@ def screen_replies(
     failures += [Failure(d, late) for d in sorted(set(expected.values()) - answered)]
     usable.sort(key=lambda pair: pair[0])
     return [m for _, m in usable], sorted(failures, key=lambda f: f.device), identified
+
+
+def _decode(content: RecordDict, decode: Callable[[ArrayRecord], ArrayRecord]) -> str | None:
+    """Replace a compressed reply's weights by the dense ones; why it cannot be, or None."""
+    if ARRAYS_KEY not in content.array_records:
+        return None  # _content_problem names it
+    try:
+        content[ARRAYS_KEY] = decode(content[ARRAYS_KEY])
+    except ValueError as err:
+        return f"undecodable update: {err}"
+    return None
 
 
 def _stated_device(msg: Message) -> int | None:

@@ -27,14 +27,17 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg
 
+from fedtrust.compression import CompressionSettings
 from fedtrust.errors import FederationError
 
+from .downlink import Downlink
 from .finetune import FISHER_KEY, CohortFinetune, Upweighted, average_fisher, take_fisher
 from .registry import DeviceRegistry
 from .replies import Failure, TooFewReplies, bound_update, describe, screen_replies
 from .reweighting import AdversarialReweighting
 from .selection import Selection, aggregation_weights
 from .user_dp import DPFedAvg
+from .wire import UpdateDecoder
 
 WEIGHT_KEY = "agg-weight"
 LOSS_KEY = "global_loss"  # a device's mean loss at the round's global model, before training
@@ -96,6 +99,7 @@ class DeviceSampling:
         total_rounds: int = 0,
         min_replies: int = 1,
         max_update_norm: float = 0.0,
+        compression: CompressionSettings | None = None,
         **flower_kwargs: Any,
     ) -> None:
         if reweighting is not None and (user_dp is not None or weighting == "unbiased"):
@@ -121,6 +125,8 @@ class DeviceSampling:
         self.user_dp = user_dp
         self.reweighting, self.finetune, self.total_rounds = reweighting, finetune, total_rounds
         self.min_replies, self.max_update_norm = min_replies, max_update_norm
+        self.compression = compression if compression and compression.method != "none" else None
+        self.downlink = Downlink() if self.compression is not None else None
         self.round_timeout = 0.0  # the loop's wait for replies, for the failures it names
         self.attempt = 0  # the round's retry (set by the round loop): a fresh selection
         # devices not to ask now (set by the round loop): still busy with a message the server
@@ -175,6 +181,8 @@ class DeviceSampling:
         if fisher is not None:
             for msg in messages:
                 msg.content[FISHER_KEY] = fisher
+        if self.downlink is not None:
+            self.downlink.rewrite(messages, self._expected, server_round - 1, arrays)
         return messages
 
     def aggregate_train(
@@ -182,10 +190,13 @@ class DeviceSampling:
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         # Sorted by device: a fixed order makes the floating-point sum, and so a resumed run,
         # reproducible.
+        decode = UpdateDecoder(self._global) if self.compression is not None else None
         ok, self.last_failures, identified = screen_replies(
-            replies, self._expected, self._global, self.round_timeout
+            replies, self._expected, self._global, self.round_timeout, decode
         )
         self.registry.update(identified)  # a dropped reply's budget report still counts
+        if self.downlink is not None:
+            self.downlink.answered(server_round - 1, identified, self.last_failures)
         if self.user_dp is not None:  # a dropped reply counts as a device that sent nothing
             return self._aggregate_private(server_round, ok)
         if len(ok) < self.min_replies:
@@ -206,6 +217,8 @@ class DeviceSampling:
         arrays, metrics = self._flower_aggregate(server_round, ok)
         if arrays is None:  # Flower's strategy had too few replies for its rule
             raise TooFewReplies(server_round, len(ok), len(ok) + 1, self.last_failures)
+        if self.downlink is not None:
+            self.downlink.aggregated(server_round, ok)
         if self.weighting == "unbiased":
             arrays = self._horvitz_thompson(
                 arrays, sum(self._weight_of[int(m.content["device"]["device"])] for m in ok)
@@ -277,7 +290,12 @@ class DeviceSampling:
         if not nodes:  # nobody to ask; the round still releases the noise-only update
             self._keep_global(arrays)
             return []
-        return super().configure_train(server_round, arrays, config, ChosenNodes(grid, nodes))
+        messages = list(
+            super().configure_train(server_round, arrays, config, ChosenNodes(grid, nodes))
+        )
+        if self.downlink is not None:
+            self.downlink.rewrite(messages, self._expected, server_round - 1, arrays)
+        return messages
 
     def _aggregate_private(
         self, server_round: int, replies: list[Message]
@@ -301,6 +319,8 @@ class DeviceSampling:
             RecordDict({"arrays": released, "metrics": MetricRecord({WEIGHT_KEY: 1.0})})
         )
         arrays, _ = super().aggregate_train(server_round, [synthetic])
+        if self.downlink is not None:
+            self.downlink.aggregated(server_round, ok)
         return arrays, None
 
     def _horvitz_thompson(self, averaged: ArrayRecord, total_weight: float) -> ArrayRecord:
@@ -331,6 +351,8 @@ class DeviceSampling:
             state["fairness"] = fairness
         if self._fisher is not None:
             state[FISHER_KEY] = dict(self._fisher)
+        if self.downlink is not None:
+            state["downlink"] = self.downlink.state()
         return state
 
     def load_state(self, state: dict[str, dict[str, np.ndarray]]) -> None:
@@ -343,6 +365,8 @@ class DeviceSampling:
         self._cohort = None if cohort is None else np.asarray(cohort, dtype=bool)
         fisher = state.get(FISHER_KEY)
         self._fisher = None if fisher is None else dict(fisher)
+        if self.downlink is not None:
+            self.downlink.load_state(state.get("downlink", {}))
 
     def privacy(self, server_round: int) -> dict[str, Any]:
         """ε so far with its δ, neighbouring relation and accountant ({} without DP):

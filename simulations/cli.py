@@ -82,7 +82,11 @@ def compare(
     config: ConfigOpt = None,
     set_: SetOpt = None,
     sweep: Annotated[
-        str, typer.Option(help="selection: uniform vs activity; fairness: + each mitigation")
+        str,
+        typer.Option(
+            help="selection: uniform vs activity; fairness: + each mitigation; "
+            "compression: dense vs each update compression"
+        ),
     ] = "selection",
     modes: Annotated[
         str, typer.Option(help="device data settings to run, comma-separated")

@@ -1,6 +1,8 @@
 """`fedtrust compare`: one sweep of federated runs on the same partition and seed, one report.
 
 Sweeps (`--sweep`):
+- `compression`: dense float32 updates against each `[compression]` method (top-k with error
+  feedback, the learned sparse and hashed diffs, 8-bit quantisation): accuracy against bytes;
 - `selection` (default): uniform vs activity-based selection;
 - `fairness`: uniform, activity, and activity with each cohort-fairness mitigation (a selection
   floor, q-FFL, adversarial reweighting, a fine-tuning phase with EWC).
@@ -12,6 +14,7 @@ per data setting.
 from __future__ import annotations
 
 import copy
+import json
 import re
 from datetime import datetime
 from pathlib import Path
@@ -19,11 +22,18 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
+from .compression_report import (
+    COMPRESSION_VARIANTS,
+    bytes_figure,
+    compression_table,
+    traffic_columns,
+    with_ratios,
+)
 from .config import Config, validate
 from .config_files import apply
 from .fairness_report import short_rule
 from .report import write_report_files
-from .run_folder import read_metrics
+from .run_folder import load_run_config, read_metrics
 from .runner import simulate
 
 MODES = ("static", "continual")
@@ -38,6 +48,8 @@ def sweep_variants(sweep: str, cfg: Config) -> dict[str, dict[str, dict[str, Any
     activity = {"selection": {"strategy": "activity"}}
     if sweep == "selection":
         return {"uniform": uniform, "activity": activity}
+    if sweep == "compression":  # the config's own selection, every method
+        return COMPRESSION_VARIANTS
     floor = {"selection": {"strategy": "activity", "floor": cfg.selection.floor or DEFAULT_FLOOR}}
     finetune = max(1, cfg.server.rounds // FINETUNE_SHARE)
     # q-FFL estimates L = 1 / lr for SGD devices; after AdamW steps that L makes its step
@@ -53,7 +65,7 @@ def sweep_variants(sweep: str, cfg: Config) -> dict[str, dict[str, dict[str, Any
     }
 
 
-SWEEPS = ("selection", "fairness")
+SWEEPS = ("selection", "fairness", "compression")
 
 
 def variants(
@@ -79,7 +91,7 @@ def run_compare(
     rows, curves = [], {}
     for (mode, variant), c in variants(cfg, sweep, modes).items():
         c.run.output_dir, c.run.name = str(out_dir), run_name(mode, variant)
-        run_dir, summary = simulate(c, on_round=on_round)
+        run_dir, summary = finished_run(c) or simulate(c, on_round=on_round)
         metric = summary["primary_metric"]
         history = [r for r in read_metrics(run_dir) if r["round"] > 0]
         curves[(mode, variant)] = history
@@ -95,14 +107,30 @@ def run_compare(
                 "mean_examples_per_round": sum(seen) / len(seen),
                 "distinct_devices": len({d for r in history for d in r["devices"]}),
                 **cohort_columns(summary.get("cohorts")),
+                **traffic_columns(summary),
                 "run_dir": str(run_dir),
             }
         )
+    if sweep == "compression":
+        rows = with_ratios(rows)
+        figure = bytes_figure(curves, rows, rows[0]["metric"])
+        write_report_files(out_dir, "comparison", rows, compression_table(rows), figure)
+        return out_dir, rows
     figure = comparison_figure(
         curves, rows[0]["metric"], modes, rows if sweep != "selection" else None
     )
     write_report_files(out_dir, "comparison", rows, markdown_table(rows), figure)
     return out_dir, rows
+
+
+def finished_run(cfg: Config) -> tuple[Path, dict[str, Any]] | None:
+    """The run folder and summary of a sweep's run that already finished with this very
+    config (a sweep run again with the same name does only what is missing)."""
+    run_dir = Path(cfg.run.output_dir) / cfg.run.name
+    summary = run_dir / "summary.json"
+    if not summary.exists() or load_run_config(run_dir).to_dict() != cfg.to_dict():
+        return None
+    return run_dir, json.loads(summary.read_text())
 
 
 def run_name(mode: str, variant: str) -> str:

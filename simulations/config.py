@@ -15,6 +15,7 @@ from typing import Any, Literal
 from fedtrust.clients.device_data import StorageSettings
 from fedtrust.clients.faults import FaultSettings
 from fedtrust.clients.settings import ClientSettings
+from fedtrust.compression import CompressionSettings
 from fedtrust.errors import ConfigError
 from fedtrust.tasks import TaskSpec
 
@@ -25,7 +26,7 @@ __all__ = ["Config", "ConfigError", "load_config", "config_from_dict", "parse_ov
 BUNDLED = Path(__file__).parent / "configs"
 
 # The sections a library owns are its own typed settings (TaskSpec, StorageSettings,
-# ClientSettings); the others only make sense for an experiment and live here.
+# ClientSettings, CompressionSettings); the others only make sense for an experiment and live here.
 
 
 @dataclass
@@ -160,6 +161,7 @@ class Config(Sections):
     mitigation: MitigationConfig = field(default_factory=MitigationConfig)
     cohorts: CohortConfig = field(default_factory=CohortConfig)
     faults: FaultSettings = field(default_factory=FaultSettings)
+    compression: CompressionSettings = field(default_factory=CompressionSettings)
     run: RunConfig = field(default_factory=RunConfig)
 
 
@@ -223,6 +225,7 @@ def validate(cfg: Config) -> None:
     require(v.qffl_lr >= 0, "server.qffl_lr", "must be >= 0 (0 = client.lr), got {value}")
     _validate_fairness(cfg, require)
     _validate_robustness(cfg, require)
+    _validate_compression(cfg)
     q = cfg.privacy
     require(q.target_epsilon >= 0, "privacy.target_epsilon", "must be > 0 (0 = off), got {value}")
     require(0 <= q.target_delta < 1, "privacy.target_delta", "must be in [0, 1), got {value}")
@@ -306,6 +309,17 @@ def _validate_robustness(cfg: Config, require: Callable[[bool, str, str], None])
     require(f.slow_seconds >= 0, "faults.slow_seconds", "must be >= 0, got {value}")
     require(f.byzantine >= 0, "faults.byzantine", "must be >= 0, got {value}")
     require(f.attack_scale > 0, "faults.attack_scale", "must be > 0, got {value}")
+
+
+def _validate_compression(cfg: Config) -> None:
+    """The library's own checks (`CompressionSettings.check`), with where the value came from."""
+    try:
+        cfg.compression.check()
+    except ConfigError as err:
+        key = str(err).split(":", 1)[0]
+        raise ConfigError(
+            f"{cfg.__dict__.get('_sources', {}).get(key, 'default')}: {err}"
+        ) from None
 
 
 def _validate_fairness(cfg: Config, require: Callable[[bool, str, str], None]) -> None:

@@ -14,6 +14,7 @@ from flwr.app import ConfigRecord
 
 from fedtrust.clients.budget import planned_participations
 from fedtrust.clients.settings import DeviceDP, TrainInstructions
+from fedtrust.compression import CompressionSettings
 from fedtrust.server.finetune import CohortFinetune
 from fedtrust.server.qffl import SampledQFedAvg
 from fedtrust.server.registry import DeviceRegistry
@@ -110,6 +111,7 @@ def make_strategy(cfg: Config, registry: DeviceRegistry, num_devices: int) -> De
         user_dp=user_level_dp(cfg, num_devices),
         min_replies=cfg.server.min_replies,
         max_update_norm=cfg.server.max_update_norm,
+        compression=compression(cfg),
         **mitigations(cfg),
     )
     s = cfg.server
@@ -159,5 +161,11 @@ def device_instructions(cfg: Config, run_dir: Path, num_devices: int) -> ConfigR
         report_loss=not p.enabled,  # under user-level DP the loss is not covered either
         global_loss=needs_device_losses(cfg),
         faults=cfg.faults if cfg.faults.any else None,
+        compression=compression(cfg),
     )
     return instructions.to_record()
+
+
+def compression(cfg: Config) -> CompressionSettings | None:
+    """How updates travel (`[compression]`); None: dense float tensors, as Flower sends them."""
+    return cfg.compression if cfg.compression.method != "none" else None

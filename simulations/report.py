@@ -37,21 +37,36 @@ def write_summary(run_dir: Path, summary: dict[str, Any]) -> Path:
 def plot_curves(
     curves: dict[str, list[dict[str, Any]]], metric: str, path: Path, title: str = ""
 ) -> Figure:
-    """One line per run: `metric` on the central test subset against the round (saved at
-    `path`; the figure is returned so its data can be read back)."""
-    fig = Figure(figsize=(6, 4))  # no pyplot: the user's matplotlib backend is left alone
-    ax = fig.subplots()
+    """One line per run: `metric` on the central test subset against the round and, when the
+    rows count bytes, against the cumulative uplink bytes (saved at `path`; the figure is
+    returned so its data can be read back)."""
+    with_bytes = any("uplink_bytes" in r for rows in curves.values() for r in rows)
+    fig = Figure(figsize=(11 if with_bytes else 6, 4))  # no pyplot: the user's backend is left
+    axes = fig.subplots(1, 2 if with_bytes else 1, squeeze=False)[0]
     for label, rows in curves.items():
-        ax.plot(
-            [r["round"] for r in rows], [r[metric] for r in rows], marker="o", ms=3, label=label
-        )
-    ax.set_xlabel("round")
-    ax.set_ylabel(metric.replace("_", " "))
-    ax.grid(alpha=0.3)
+        values = [r[metric] for r in rows]
+        axes[0].plot([r["round"] for r in rows], values, marker="o", ms=3, label=label)
+        if with_bytes:
+            axes[1].plot(cumulative_megabytes(rows), values, marker="o", ms=3, label=label)
+    axes[0].set_xlabel("round")
+    if with_bytes:
+        axes[1].set_xlabel("cumulative uplink MB (serialised replies)")
+    for ax in axes:
+        ax.set_ylabel(metric.replace("_", " "))
+        ax.grid(alpha=0.3)
+        if len(curves) > 1:
+            ax.legend(fontsize=8)
     if title:
-        ax.set_title(title)
-    if len(curves) > 1:
-        ax.legend()
+        fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     return fig
+
+
+def cumulative_megabytes(rows: list[dict[str, Any]], key: str = "uplink_bytes") -> list[float]:
+    """The running total of `key` over the rows, in MB (10^6 bytes)."""
+    total, out = 0, []
+    for r in rows:
+        total += int(r.get(key, 0))
+        out.append(total / 1e6)
+    return out

@@ -221,6 +221,7 @@ def finish_run(
         "best_round": max(rows, key=lambda r: r.get(metric, 0.0))["round"] if rows else None,
         "failures": sum(len(r.get("failures", [])) for r in rows),  # dropped replies
         "skipped_rounds": [r["round"] for r in rows if r.get("skipped")],
+        "traffic": traffic_summary(cfg, rows),
         "privacy": _privacy_summary(cfg, run_dir, rows),
         "cohorts": cohort_summary(
             run_dir, population, model, rows, cfg.cohorts, cfg.run.seed, cfg.privacy.enabled
@@ -249,6 +250,15 @@ PRIVACY_KEYS = (
     "devices_out_of_budget",
     "noise",
 )
+
+
+def traffic_summary(cfg: Config, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Serialised bytes sent over the whole run on each link, and how updates were encoded."""
+    return {
+        "compression": cfg.compression.method,
+        "uplink_bytes": sum(int(r.get("uplink_bytes", 0)) for r in rows),
+        "downlink_bytes": sum(int(r.get("downlink_bytes", 0)) for r in rows),
+    }
 
 
 def _privacy_summary(

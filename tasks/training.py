@@ -64,6 +64,7 @@ def train_steps(
     scheduler: Any = None,
     progress: TrainProgress | None = None,
     penalty: Callable[[], torch.Tensor] | None = None,
+    after_step: Callable[[int], None] | None = None,
 ) -> TrainProgress:
     """One optimizer step per batch (at most `max_steps` when > 0).
 
@@ -71,7 +72,8 @@ def train_steps(
     (`"sum"`, what DP-SGD's per-sample clipping needs); the progress holds the per-row mean.
     `penalty()`: a regulariser added to every step's objective (e.g. EWC's pull towards an
     anchor); the progress reports the data loss without it. Pass `progress` to read it even
-    when a step raises.
+    when a step raises. `after_step(steps_done)` runs after every optimizer step (e.g. a learned
+    diff's projection, `fedtrust.compression`).
     """
     progress = progress if progress is not None else TrainProgress()
     for batch in batches:
@@ -85,6 +87,8 @@ def train_steps(
         progress.loss_sum += loss.detach().item() * (rows if reduction == "mean" else 1)
         progress.examples += rows
         progress.steps += 1
+        if after_step is not None:
+            after_step(progress.steps)
         if progress.steps == max_steps:
             break
     return progress

@@ -14,7 +14,16 @@ import pytest
 import setuptools
 
 ROOT = Path(__file__).resolve().parents[1]
-LAYERS = ("fedtrust", "tasks", "privacy", "fairness", "clients", "server", "simulations")
+LAYERS = (
+    "fedtrust",
+    "tasks",
+    "privacy",
+    "compression",
+    "fairness",
+    "clients",
+    "server",
+    "simulations",
+)
 MODULES = sorted(p for layer in LAYERS for p in (ROOT / layer).rglob("*.py"))
 MAX_LINES = 400
 

@@ -1,0 +1,110 @@
+"""A random hashed subspace of model updates (HashedNets-style shared diff weights).
+
+Position j of tensor t maps to bucket h_t(j) with sign s_t(j); a bucket vector b expands to
+the update diff_j = s_t(j) * b_t[h_t(j)]. The hash is drawn from (seed, crc32(name)), so a
+server rebuilds the same subspace from the tensor shapes, the bucket total and the seed alone.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from fedtrust.errors import ConfigError
+
+from .packing import generator
+
+Update = dict[str, torch.Tensor]
+
+
+class HashedSubspace:
+    """The span of one signed indicator vector per bucket; buckets are split over tensors in
+    proportion to their size, at least one each, `buckets` in total.
+
+    The basis vectors have disjoint supports, so least squares is a per-bucket mean and
+    `expand(project(u))` is the orthogonal projection of u onto the subspace.
+    """
+
+    def __init__(self, shapes: Mapping[str, Sequence[int]], buckets: int, seed: int) -> None:
+        self.shapes = {name: tuple(int(d) for d in shape) for name, shape in shapes.items()}
+        self.seed = int(seed) % 2**32
+        numels = {name: math.prod(shape) for name, shape in self.shapes.items()}
+        self.sizes = split_buckets(numels, buckets)
+        self.buckets = buckets
+        # name -> device -> (bucket index, sign, bucket population >= 1); drawn once on the CPU
+        self._cache: dict[str, dict[torch.device, tuple[torch.Tensor, ...]]] = {}
+
+    def expand(self, bucket_values: Mapping[str, torch.Tensor]) -> Update:
+        """The update these bucket values stand for (on the values' device)."""
+        out = {}
+        for name, shape in self.shapes.items():
+            values = bucket_values[name].reshape(-1)
+            index, sign, _ = self._hash(name, values.device)
+            out[name] = (sign * values[index]).reshape(shape)
+        return out
+
+    def project(self, update: Mapping[str, torch.Tensor], mean: bool = True) -> Update:
+        """Least-squares bucket values of `update`: the mean of s_j * diff_j per bucket (an
+        empty bucket gets 0). `mean=False`: the sums, i.e. the gradient with respect to the
+        bucket values when `update` is the gradient with respect to the weights."""
+        out = {}
+        for name, size in self.sizes.items():
+            flat = update[name].detach().reshape(-1)
+            index, sign, population = self._hash(name, flat.device)
+            sums = torch.zeros(size, dtype=flat.dtype, device=flat.device)
+            # an empty bucket sums to 0 and is divided by 1
+            sums.index_add_(0, index, sign.to(flat.dtype) * flat)
+            out[name] = sums / population.to(flat.dtype) if mean else sums
+        return out
+
+    def _hash(self, name: str, device: torch.device) -> tuple[torch.Tensor, ...]:
+        per_device = self._cache.setdefault(name, {})
+        if device not in per_device:
+            if per_device:
+                cpu = next(iter(per_device.values()))
+            else:
+                numel, size = math.prod(self.shapes[name]), self.sizes[name]
+                gen = generator(self.seed, name, "hash")
+                if size >= numel:  # a small tensor: one bucket per entry, sent exactly
+                    index, sign = torch.arange(numel), torch.ones(numel)
+                else:
+                    index = torch.randint(0, max(size, 1), (numel,), generator=gen)
+                    sign = torch.randint(0, 2, (numel,), generator=gen).to(torch.float32) * 2 - 1
+                count = torch.bincount(index, minlength=size).clamp(min=1).to(torch.float32)
+                cpu = (index, sign, count)
+            per_device[device] = tuple(t.to(device) for t in cpu)
+        return per_device[device]
+
+
+SMALL = 4096  # tensors up to this size (biases, LayerNorms, small heads) get a bucket per entry
+
+
+def split_buckets(numels: Mapping[str, int], buckets: int) -> dict[str, int]:
+    """Buckets per tensor: a small tensor (<= SMALL entries) one per entry, when the total
+    leaves room for them (hashing a bias or a LayerNorm scale mixes unrelated units); the
+    others one each, the rest in proportion to size (largest remainder, ties by name, so the
+    split does not depend on dict order)."""
+    small = {n: k for n, k in numels.items() if 0 < k <= SMALL}
+    large = {n: k for n, k in numels.items() if k > SMALL}
+    if small and large and buckets - sum(small.values()) >= len(large):
+        return small | split_buckets(large, buckets - sum(small.values()))
+    names = [name for name in numels if numels[name] > 0]
+    total = sum(numels[name] for name in names)
+    if buckets < len(names):
+        raise ConfigError(
+            f"compression.buckets: {buckets} is fewer than the {len(names)} tensors of the update"
+        )
+    if buckets > total:
+        raise ConfigError(
+            f"compression.buckets: {buckets} is more than the {total} entries of the update"
+        )
+    spare = buckets - len(names)
+    quotas = {name: spare * numels[name] / total for name in names}
+    sizes = {name: 1 + int(quotas[name]) for name in names}
+    left = buckets - sum(sizes.values())
+    by_remainder = sorted(names, key=lambda name: (-(quotas[name] % 1), name))
+    for name in by_remainder[:left]:
+        sizes[name] += 1
+    return {name: sizes.get(name, 0) for name in numels}
