@@ -26,14 +26,13 @@ from fedtrust.compression import CompressionSettings, payload_bytes
 from fedtrust.simulations.compression_report import COMPRESSION_VARIANTS
 from fedtrust.simulations.config import load_config
 from fedtrust.simulations.population import cached_population
-from fedtrust.tasks import load_trainable_state, trainable_state
+from fedtrust.tasks import trainable_state
 
 
 def participation(population, client, device: int, codec, folder: Path) -> tuple[float, int]:
     """Seconds to train `device` once and encode its update; the payload's bytes."""
     model = population.task.build_model(0)
     start = {k: v.clone() for k, v in trainable_state(model).items()}
-    load_trainable_state(model, start)
     rows = population.rows(device, 1)
     began = time.perf_counter()
     steps = planned_steps(len(rows), client.batch_size, client.epochs, client.steps)

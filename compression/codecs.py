@@ -20,7 +20,6 @@ buggy or hostile device) raises ValueError with a one-line message.
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Mapping, Sequence
 
@@ -28,7 +27,7 @@ import torch
 
 from fedtrust.errors import ConfigError
 
-from .hashing import HashedSubspace
+from .hashing import hashed_subspace
 from .packing import dequantize, generator, quantize
 from .settings import MAX_BITS, SPARSE_METHODS, CompressionSettings
 from .varint import decode_positions, encode_positions
@@ -62,7 +61,8 @@ def encode(
         for name, tensor in dense.items():
             _put_values(payload, name, tensor.reshape(-1), bits, seed, "val")
     else:
-        subspace = _subspace(_shape_key(dense), settings.bucket_count(entries), seed)
+        shapes = {name: tuple(t.shape) for name, t in dense.items()}
+        subspace = hashed_subspace(shapes, settings.bucket_count(entries), seed)
         for name, values in subspace.project(dense).items():
             _put_values(payload, name, values, bits, seed, "buckets")
         payload[HASH_SEED] = torch.tensor(subspace.seed, dtype=torch.int64)
@@ -130,19 +130,6 @@ def _put_values(
         payload[f"{name}.{field}"] = values.to(torch.float32).contiguous()
 
 
-@functools.lru_cache(maxsize=1)
-def _subspace(shape_key: tuple, buckets: int, seed: int) -> HashedSubspace:
-    """The last subspace used: a server decodes many replies hashed with one round seed."""
-    return HashedSubspace(dict(shape_key), buckets, seed)
-
-
-def _shape_key(tensors: Mapping[str, torch.Tensor] | Shapes) -> tuple:
-    return tuple(
-        (name, tuple(t.shape) if isinstance(t, torch.Tensor) else tuple(t))
-        for name, t in tensors.items()
-    )
-
-
 def _decode_dense(payload: Mapping[str, torch.Tensor], shapes: dict[str, tuple]) -> Update:
     missing = [name for name in shapes if name not in payload]
     if missing:
@@ -194,7 +181,7 @@ def _decode_hashed(payload: Mapping[str, torch.Tensor], shapes: dict[str, tuple]
     fields = _fields(payload, shapes, ("buckets", "q", "range"))
     bits = _bits(payload)
     try:
-        subspace = _subspace(_shape_key(shapes), total, seed)
+        subspace = hashed_subspace(shapes, total, seed)
     except ConfigError as error:
         raise ValueError(f"payload {HASH_TOTAL}: {error}") from None
     values = {}

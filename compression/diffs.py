@@ -18,7 +18,7 @@ from collections.abc import Mapping
 import torch
 
 from .codecs import Update
-from .hashing import HashedSubspace
+from .hashing import hashed_subspace
 from .settings import CompressionSettings
 
 Params = Mapping[str, torch.Tensor]
@@ -115,9 +115,8 @@ class HashedDiff:
 
     def __init__(self, base: Params, buckets: int, seed: int) -> None:
         self.base = {name: t.detach().clone() for name, t in base.items()}
-        self.subspace = HashedSubspace(
-            {name: tuple(t.shape) for name, t in self.base.items()}, buckets, seed
-        )
+        shapes = {name: tuple(t.shape) for name, t in self.base.items()}
+        self.subspace = hashed_subspace(shapes, buckets, seed)  # the one `encode` will use
 
     @torch.no_grad()
     def before_step(self, params: Params) -> None:

@@ -7,6 +7,7 @@ server rebuilds the same subspace from the tensor shapes, the bucket total and t
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 
@@ -79,6 +80,18 @@ class HashedSubspace:
 
 
 SMALL = 4096  # tensors up to this size (biases, LayerNorms, small heads) get a bucket per entry
+
+
+def hashed_subspace(shapes: Mapping[str, Sequence[int]], buckets: int, seed: int) -> HashedSubspace:
+    """The subspace for (shapes, buckets, seed), the last one kept: a device trains and then
+    encodes in the same one, and a server decodes a round's replies in one."""
+    key = tuple((name, tuple(int(d) for d in shape)) for name, shape in shapes.items())
+    return _cached(key, buckets, seed)
+
+
+@functools.lru_cache(maxsize=1)
+def _cached(key: tuple, buckets: int, seed: int) -> HashedSubspace:
+    return HashedSubspace(dict(key), buckets, seed)
 
 
 def split_buckets(numels: Mapping[str, int], buckets: int) -> dict[str, int]:

@@ -49,7 +49,6 @@ class Downlink:
     def message(self, device: int, version: int) -> tuple[ArrayRecord, ConfigRecord]:
         """What `device` is sent for the global model `version` (which `remember` was given)."""
         base = self.held.get(device, 0)  # a device never reached holds the initial model
-        base_crc = self._crc.get(base, 0)
         if base not in self.versions:
             base = -1
         if base < 0:
@@ -62,7 +61,7 @@ class Downlink:
             arrays = self._cache[key]
         info = {
             "base-version": base,
-            "base-crc": base_crc if base >= 0 else 0,
+            "base-crc": self._crc.get(base, 0),
             "version": version,
             "oldest": self.oldest,
             "crc": self._crc[version],
