@@ -114,7 +114,7 @@ def train_device(source: DeviceData, device: int, msg: Message, context: Context
     received = {k: v.cpu().clone() for k, v in trainable_state(model).items()}
     codec = settings.compression
     c = settings.client
-    # hashed diffs: one hashing per round, shared by its devices; quantisation: the device's own
+    # hashed diffs: one hashing per round, shared by its devices; rounding: the device's own
     codec_seed = round_seed(settings.seed, server_round) if _hashed(codec) else seed
     diff = LearnedDiff.start(
         codec, model, planned_steps(len(rows), c.batch_size, c.epochs, c.steps), codec_seed
@@ -173,7 +173,9 @@ def train_device(source: DeviceData, device: int, msg: Message, context: Context
         update = learned or {k: weights[k] - received[k] for k in weights}
         store = ResidualStore(_state_dir(settings, context))
         made_in = int(msg.content[COMPRESSION_KEY]["residual-round"])
-        weights = encode_update(update, codec, store, device, server_round, codec_seed, made_in)
+        weights = encode_update(
+            update, codec, store, device, server_round, codec_seed, made_in, rounding_seed=seed
+        )
     reply = RecordDict(
         {
             "arrays": ArrayRecord(weights),

@@ -115,11 +115,13 @@ def encode_update(
     server_round: int,
     seed: int,
     residual_round: int = -1,
+    rounding_seed: int | None = None,
 ) -> Payload:
     """The wire payload of `update` (CPU tensors), carrying on from the residual made in
-    `residual_round` (the server's word); keeps this round's residual."""
+    `residual_round` (the server's word); keeps this round's residual. `seed` and
+    `rounding_seed` as in `fedtrust.compression.encode`."""
     residual = store.load(device, residual_round)
-    payload, residual = compress_with_feedback(update, residual, settings, seed)
+    payload, residual = compress_with_feedback(update, residual, settings, seed, rounding_seed)
     if residual:
         store.save(device, server_round, residual, residual_round)
     return payload

@@ -44,11 +44,18 @@ _INDEX_TYPES = (torch.int32, torch.int64)
 
 
 def encode(
-    update: Mapping[str, torch.Tensor], settings: CompressionSettings, *, seed: int
+    update: Mapping[str, torch.Tensor],
+    settings: CompressionSettings,
+    *,
+    seed: int,
+    rounding_seed: int | None = None,
 ) -> Payload:
-    """The payload for `update` under `settings`; `seed` drives the hash and the stochastic
-    rounding (use the same seed for a hashed-diff update as for its training)."""
+    """The payload for `update` under `settings`. `seed` drives the hash (use the same seed for
+    a hashed-diff update as for its training) and, unless `rounding_seed` is given, the
+    stochastic rounding: give each device its own `rounding_seed` when devices share the hash
+    seed, or their rounding errors line up instead of averaging out."""
     settings.check()
+    rounding = seed if rounding_seed is None else rounding_seed
     dense = {name: _dense_cpu(name, tensor) for name, tensor in update.items()}
     bits = settings.effective_bits
     entries = sum(t.numel() for t in dense.values())
@@ -56,15 +63,15 @@ def encode(
         return {name: tensor.clone() for name, tensor in dense.items()}
     payload: Payload = {}
     if settings.method in SPARSE_METHODS:
-        payload = _encode_sparse(dense, settings.keep_count(entries), bits, seed)
+        payload = _encode_sparse(dense, settings.keep_count(entries), bits, rounding)
     elif settings.method == "quantize":
         for name, tensor in dense.items():
-            _put_values(payload, name, tensor.reshape(-1), bits, seed, "val")
+            _put_values(payload, name, tensor.reshape(-1), bits, rounding, "val")
     else:
         shapes = {name: tuple(t.shape) for name, t in dense.items()}
         subspace = hashed_subspace(shapes, settings.bucket_count(entries), seed)
         for name, values in subspace.project(dense).items():
-            _put_values(payload, name, values, bits, seed, "buckets")
+            _put_values(payload, name, values, bits, rounding, "buckets")
         payload[HASH_SEED] = torch.tensor(subspace.seed, dtype=torch.int64)
         payload[HASH_TOTAL] = torch.tensor(subspace.buckets, dtype=torch.int64)
     if bits and payload:

@@ -107,10 +107,11 @@ class SparseDiff:
 
 
 class HashedDiff:
-    """Projected training in a hashed subspace: after every step p = base + P(p - base).
+    """Training in a hashed subspace: p = base + expand(b), the buckets b trained through the
+    chain rule (`before_step`); `finish` returns base's diff projected onto the subspace.
 
-    The diff is always expand(bucket values), so only `buckets` numbers need to be sent. The
-    projection uses the weights and the public seed only: post-processing of DP iterates.
+    Only `buckets` numbers need to be sent. The projection uses the gradients (under DP, the
+    noised ones), the weights and the public seed only: post-processing of DP iterates.
     """
 
     def __init__(self, base: Params, buckets: int, seed: int) -> None:
@@ -133,11 +134,11 @@ class HashedDiff:
             if param.grad is not None:
                 param.grad.copy_(expanded[name])
 
-    @torch.no_grad()
     def after_step(self, params: Params, step: int) -> None:
-        """Call after every optimizer step: project the diff back onto the subspace (a no-op
-        up to rounding after `before_step`; it keeps the diff exactly there)."""
-        self._project(params)
+        """Nothing to do: after `before_step` the step itself stays in the subspace (SGD,
+        momentum and Adam move every weight of a bucket alike, up to its sign). Weight decay
+        pulls weights out of it; `finish` projects the diff back once, at the end, instead of
+        two passes over the model every step."""
 
     @torch.no_grad()
     def finish(self, params: Params) -> Update:

@@ -20,14 +20,16 @@ def compress_with_feedback(
     residual: Mapping[str, torch.Tensor] | None,
     settings: CompressionSettings,
     seed: int,
+    rounding_seed: int | None = None,
 ) -> tuple[Payload, Update]:
     """Encode update + residual; return the payload and the new residual (what it missed).
 
-    For methods without feedback (or error_feedback false) the residual is ignored and the
-    returned one is empty. The residual stays on the update's device; keep it between rounds.
+    `seed` and `rounding_seed` as in `encode`. For methods without feedback (or
+    error_feedback false) the residual is ignored and the returned one is empty. The residual
+    stays on the update's device; keep it between rounds.
     """
     if not settings.check().feedback:
-        return encode(update, settings, seed=seed), {}
+        return encode(update, settings, seed=seed, rounding_seed=rounding_seed), {}
     residual = residual or {}
     for name, tensor in residual.items():
         if name not in update or tuple(tensor.shape) != tuple(update[name].shape):
@@ -36,7 +38,7 @@ def compress_with_feedback(
         name: tensor.detach() + residual[name].to(tensor.device) if name in residual else tensor
         for name, tensor in update.items()
     }
-    payload = encode(corrected, settings, seed=seed)
+    payload = encode(corrected, settings, seed=seed, rounding_seed=rounding_seed)
     sent = decode(payload, {name: tuple(t.shape) for name, t in corrected.items()})
     new_residual = {
         name: (tensor.detach().float() - sent[name].to(tensor.device))

@@ -79,9 +79,6 @@ class HashedSubspace:
         return per_device[device]
 
 
-SMALL = 4096  # tensors up to this size (biases, LayerNorms, small heads) get a bucket per entry
-
-
 def hashed_subspace(shapes: Mapping[str, Sequence[int]], buckets: int, seed: int) -> HashedSubspace:
     """The subspace for (shapes, buckets, seed), the last one kept: a device trains and then
     encodes in the same one, and a server decodes a round's replies in one."""
@@ -95,24 +92,38 @@ def _cached(key: tuple, buckets: int, seed: int) -> HashedSubspace:
 
 
 def split_buckets(numels: Mapping[str, int], buckets: int) -> dict[str, int]:
-    """Buckets per tensor: a small tensor (<= SMALL entries) one per entry, when the total
-    leaves room for them (hashing a bias or a LayerNorm scale mixes unrelated units); the
-    others one each, the rest in proportion to size (largest remainder, ties by name, so the
-    split does not depend on dict order)."""
-    small = {n: k for n, k in numels.items() if 0 < k <= SMALL}
-    large = {n: k for n, k in numels.items() if k > SMALL}
-    if small and large and buckets - sum(small.values()) >= len(large):
-        return small | split_buckets(large, buckets - sum(small.values()))
+    """Buckets per tensor. The smallest tensors get one bucket per entry (sent exactly) while
+    together they take at most half the buckets: biases and norms always, a new classifier
+    head too at higher densities (hashing would tie unrelated units' weights). The others
+    share the rest, one each at least, then in proportion to size (largest remainder, ties by
+    name, so the split does not depend on dict order)."""
+    positive = sum(1 for numel in numels.values() if numel > 0)
+    if buckets < positive:
+        raise ConfigError(
+            f"compression.buckets: {buckets} is fewer than the {positive} tensors of the update"
+        )
+    if buckets > sum(numels.values()):
+        raise ConfigError(
+            f"compression.buckets: {buckets} is more than the {sum(numels.values())} entries "
+            "of the update"
+        )
+    exact: dict[str, int] = {}
+    for name, numel in sorted(numels.items(), key=lambda item: (item[1], item[0])):
+        if numel <= 0:
+            continue
+        if sum(exact.values()) + numel > buckets // 2:
+            break
+        exact[name] = numel
+    hashed = {name: numel for name, numel in numels.items() if name not in exact}
+    spare = buckets - sum(exact.values())
+    if exact and any(hashed.values()) and spare >= sum(1 for k in hashed.values() if k > 0):
+        return exact | _proportional(hashed, spare)
+    return _proportional(numels, buckets)
+
+
+def _proportional(numels: Mapping[str, int], buckets: int) -> dict[str, int]:
     names = [name for name in numels if numels[name] > 0]
     total = sum(numels[name] for name in names)
-    if buckets < len(names):
-        raise ConfigError(
-            f"compression.buckets: {buckets} is fewer than the {len(names)} tensors of the update"
-        )
-    if buckets > total:
-        raise ConfigError(
-            f"compression.buckets: {buckets} is more than the {total} entries of the update"
-        )
     spare = buckets - len(names)
     quotas = {name: spare * numels[name] / total for name in names}
     sizes = {name: 1 + int(quotas[name]) for name in names}

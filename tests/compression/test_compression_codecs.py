@@ -151,6 +151,32 @@ def test_encoding_is_deterministic_in_the_seed():
     assert not all(torch.equal(first[key], other[key]) for key in first)
 
 
+def test_devices_sharing_a_hash_average_out_their_rounding_with_their_own_rounding_seeds():
+    """Ten devices of a round hash alike (one seed) but round on their own seeds: the mean of
+    their 2-bit payloads is much closer to the mean update than when they round alike."""
+    update = _update(12)
+    shapes = _shapes(update)
+    settings = CompressionSettings(method="hashed-diff", buckets=300, bits=2)
+    exact = decode(
+        encode(update, CompressionSettings(method="hashed-diff", buckets=300), seed=1), shapes
+    )
+
+    def error(rounding_seeds):
+        decoded = [
+            decode(encode(update, settings, seed=1, rounding_seed=r), shapes)
+            for r in rounding_seeds
+        ]
+        return sum(
+            float((sum(d[n] for d in decoded) / len(decoded) - exact[n]).square().sum())
+            for n in update
+        )
+
+    own, shared = error(range(10)), error([7] * 10)
+    assert own < 0.3 * shared
+    same = encode(update, settings, seed=1, rounding_seed=3)
+    assert torch.equal(same["hash.seed"], encode(update, settings, seed=1)["hash.seed"])
+
+
 def test_compression_ratios():
     update = _update(8, sizes=((200, 100), (100, 50), (100,)))
     dense = payload_bytes(encode(update, CompressionSettings(), seed=0))

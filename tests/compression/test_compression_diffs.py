@@ -32,12 +32,14 @@ def _loss(model, x, y) -> float:
         return float(nn.functional.mse_loss(model(x), y))
 
 
-def _train(model, x, y, diff, steps, lr=0.05):
+def _train(model, x, y, diff, steps, lr=0.05, adam=False):
     params = dict(model.named_parameters())
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    optimizer = (torch.optim.Adam if adam else torch.optim.SGD)(model.parameters(), lr=lr)
     for step in range(1, steps + 1):
         optimizer.zero_grad()
         nn.functional.mse_loss(model(x), y).backward()
+        if hasattr(diff, "before_step"):
+            diff.before_step(params)
         optimizer.step()
         diff.after_step(params, step)
         yield step, params
@@ -109,13 +111,15 @@ def test_the_mask_keeps_the_globally_largest_changes():
     assert torch.equal(params["b"][5:], 105 + torch.arange(5.0)) and not params["a"].any()
 
 
-def test_hashed_diff_training_stays_in_the_subspace_and_learns():
+@pytest.mark.parametrize("adam", [False, True])
+def test_hashed_diff_training_stays_in_the_subspace_and_learns(adam):
+    """The chain rule alone keeps SGD's and Adam's steps in the subspace (no projection)."""
     model, x, y = _regression(2)
     base = {name: p.detach().clone() for name, p in model.named_parameters()}
     start = _loss(model, x, y)
     hashed = HashedDiff(base, buckets=20, seed=9)
     subspace = hashed.subspace
-    for _, params in _train(model, x, y, hashed, 40):
+    for _, params in _train(model, x, y, hashed, 40, lr=0.01 if adam else 0.05, adam=adam):
         diff = {name: params[name].detach() - base[name] for name in base}
         again = subspace.expand(subspace.project(diff))
         assert all(torch.allclose(again[name], diff[name], atol=1e-6) for name in base)
@@ -127,6 +131,27 @@ def test_hashed_diff_training_stays_in_the_subspace_and_learns():
     decoded = decode(payload, shapes)
     assert all(torch.allclose(decoded[name], diff[name], atol=1e-6) for name in diff)
     assert sum(v.numel() for k, v in payload.items() if k.endswith(".buckets")) == 20
+
+
+def test_hashed_diff_under_weight_decay_ends_projected():
+    """Weight decay pulls weights out of the subspace; `finish` puts the diff back in it."""
+    model, x, y = _regression(4)
+    base = {name: p.detach().clone() for name, p in model.named_parameters()}
+    hashed = HashedDiff(base, buckets=20, seed=2)
+    params = dict(model.named_parameters())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.5)
+    for _ in range(20):
+        optimizer.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        hashed.before_step(params)
+        optimizer.step()
+    subspace = hashed.subspace
+    drifted = {name: params[name].detach() - base[name] for name in base}
+    inside = subspace.expand(subspace.project(drifted))
+    assert not all(torch.allclose(inside[n], drifted[n], atol=1e-6) for n in base)
+    diff = hashed.finish(params)
+    assert all(torch.allclose(diff[n], inside[n], atol=1e-6) for n in base)
+    assert all(torch.allclose(params[n].detach(), base[n] + diff[n], atol=1e-6) for n in base)
 
 
 def test_a_different_seed_would_not_carry_the_trained_diff():

@@ -29,15 +29,31 @@ def _minus(u, v):
 
 @pytest.mark.parametrize("buckets", [4, 37, 200, 725])
 def test_buckets_split_over_tensors_in_proportion(buckets):
+    """The smallest tensors are sent exactly while they fit in half the buckets; the others
+    share the rest in proportion to their size."""
     numels = {name: int(torch.tensor(shape).prod()) for name, shape in SHAPES.items()}
     sizes = split_buckets(numels, buckets)
-    total = sum(numels.values())
     assert sum(sizes.values()) == buckets
     assert all(sizes[name] >= 1 for name in numels)
-    for name, numel in numels.items():
-        assert abs(sizes[name] - 1 - (buckets - len(numels)) * numel / total) < 1
+    ascending = sorted(numels, key=numels.get)
+    exact = [name for name in ascending if sizes[name] == numels[name]]
+    assert exact == ascending[: len(exact)]
+    assert sum(numels[n] for n in exact) <= buckets // 2
+    if len(exact) < len(ascending):
+        assert sum(numels[n] for n in ascending[: len(exact) + 1]) > buckets // 2
+    hashed = [name for name in numels if name not in exact]
+    share, total = buckets - sum(sizes[n] for n in exact), sum(numels[n] for n in hashed)
+    for name in hashed:
+        assert abs(sizes[name] - 1 - (share - len(hashed)) * numels[name] / total) < 1
     reordered = split_buckets(dict(reversed(list(numels.items()))), buckets)
     assert reordered == sizes
+
+
+def test_a_new_head_is_sent_exactly_once_the_buckets_leave_room():
+    numels = {"encoder": 100_000, "head": 5_000, "head.bias": 50}
+    assert split_buckets(numels, 1_000)["head"] < 5_000  # 1 %: hashed
+    sizes = split_buckets(numels, 12_000)
+    assert sizes["head"] == 5_000 and sizes["head.bias"] == 50 and sizes["encoder"] == 6_950
 
 
 def test_projection_is_idempotent_and_the_residual_is_orthogonal():
