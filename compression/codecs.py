@@ -29,6 +29,7 @@ from fedtrust.errors import ConfigError
 
 from .hashing import hashed_subspace
 from .packing import dequantize, generator, quantize
+from .selection import largest
 from .settings import MAX_BITS, SPARSE_METHODS, CompressionSettings
 from .varint import decode_positions, encode_positions
 
@@ -110,9 +111,10 @@ def _encode_sparse(dense: Update, keep: int, bits: int, seed: int) -> Payload:
     names = list(dense)
     flats = [dense[name].reshape(-1) for name in names]
     joined = torch.cat(flats) if flats else torch.zeros(0)
-    chosen = torch.nonzero(joined).squeeze(1)
-    if chosen.numel() > keep:
-        chosen = torch.topk(joined.abs(), keep, sorted=False).indices.sort().values
+    if int(torch.count_nonzero(joined)) > keep:
+        chosen = largest(joined.abs(), keep)
+    else:
+        chosen = torch.nonzero(joined).squeeze(1)
     ends = torch.tensor([flat.numel() for flat in flats], dtype=torch.int64).cumsum(0)
     bounds = torch.searchsorted(chosen, ends).tolist()
     payload: Payload = {}

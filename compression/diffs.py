@@ -19,6 +19,7 @@ import torch
 
 from .codecs import Update
 from .hashing import hashed_subspace
+from .selection import largest_mask
 from .settings import CompressionSettings
 
 Params = Mapping[str, torch.Tensor]
@@ -31,7 +32,7 @@ class SparseDiff:
     shrinks to the globally largest |p - base| among the entries still kept, with the cubic
     schedule density_e = target + (1 - target) * (1 - e / E)^3, so the last event reaches the
     target. After every step pruned entries are reset to base. A pruned entry never returns.
-    Cost: one global top-k per event, an elementwise select per step. The mask depends on the
+    Cost: one global selection per event, an elementwise select per step. The mask depends on the
     trained weights only (under DP-SGD, on the DP iterates): post-processing, no privacy cost.
     `base` should sit on the parameters' device; it is copied.
     """
@@ -89,12 +90,7 @@ class SparseDiff:
                 for name, base in self.base.items()
             ]
         )
-        # the count-th largest score by selection (linear), not a top-k of up to half the model
-        threshold = torch.kthvalue(scores, scores.numel() - count + 1).values
-        keep = scores >= threshold
-        if int(keep.sum()) != count:  # ties at the threshold: settle them exactly
-            keep = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
-            keep[torch.topk(scores, count, sorted=False).indices] = True
+        keep = largest_mask(scores, count)
         offset = 0
         for mask in self.mask.values():
             mask.copy_(keep[offset : offset + mask.numel()].view_as(mask))

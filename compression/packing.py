@@ -78,18 +78,20 @@ def quantize(
     Rounding up with probability equal to the fractional position keeps the decoded value
     unbiased (E[decoded] = value). Returns (packed uint8 codes, float32 [lo, hi]).
     """
-    x = values.detach().reshape(-1).to("cpu", torch.float64)
+    # float32 resolves a level's fraction to ~2**-16 up to 8 bits; wider codes need float64
+    dtype = torch.float32 if bits <= 8 else torch.float64
+    x = values.detach().reshape(-1).to("cpu", dtype)
     if x.numel() == 0:
         return torch.zeros(0, dtype=torch.uint8), torch.zeros(2, dtype=torch.float32)
-    lo, hi = x.min(), x.max()
+    lo, hi = x.aminmax()
     levels = 2**bits - 1
     if hi == lo:
         codes = torch.zeros(x.numel(), dtype=torch.int64)
     else:
-        position = (x - lo) / (hi - lo) * levels
+        position = (x - lo).mul_(levels / (hi - lo))
         floor = position.floor()
-        up = torch.rand(x.numel(), generator=gen, dtype=torch.float64) < position - floor
-        codes = (floor + up).clamp_(0, levels).to(torch.int64)
+        up = torch.rand(x.numel(), generator=gen, dtype=dtype) < position.sub_(floor)
+        codes = floor.add_(up).clamp_(0, levels).to(torch.uint8 if bits <= 8 else torch.int64)
     packed = torch.from_numpy(pack_bits(codes.numpy(), bits))
     return packed, torch.stack([lo, hi]).to(torch.float32)
 
@@ -98,8 +100,15 @@ def dequantize(
     packed: torch.Tensor, value_range: torch.Tensor, bits: int, count: int
 ) -> torch.Tensor:
     """The float32 values `quantize` encoded (ValueError on a wrong byte count)."""
-    codes = torch.from_numpy(unpack_bits(packed.numpy(), bits, count))
+    if bits == 8:  # the bytes are the codes
+        if packed.numel() != count:
+            unpack_bits(packed.numpy(), bits, count)  # raises the length error
+        codes = packed
+    else:
+        codes = torch.from_numpy(unpack_bits(packed.numpy(), bits, count))
     lo, hi = value_range.to(torch.float64)
     if hi == lo:
         return torch.full((count,), float(lo), dtype=torch.float32)
-    return (lo + codes.to(torch.float64) * ((hi - lo) / (2**bits - 1))).to(torch.float32)
+    dtype = torch.float32 if bits <= 8 else torch.float64
+    step = float((hi - lo) / (2**bits - 1))
+    return codes.to(dtype).mul_(step).add_(float(lo)).to(torch.float32)
