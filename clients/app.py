@@ -18,7 +18,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedtrust.compression import CompressionSettings
+from fedtrust.compression import CompressionSettings, round_hash_seed
 from fedtrust.errors import ConfigError
 from fedtrust.privacy.accounting import resolve_delta
 from fedtrust.tasks import Task, load_trainable_state, trainable_state
@@ -28,7 +28,7 @@ from .downlink import HeldModels
 from .faults import FaultInjector
 from .settings import ClientSettings, DeviceDP, FinetuneRequest, TrainInstructions
 from .train import EWCPenalty, LocalDP, fisher_diagonal, global_model_loss, train_local
-from .updates import LearnedDiff, ResidualStore, encode_update, planned_steps, round_seed
+from .updates import LearnedDiff, ResidualStore, encode_update, planned_steps
 
 
 class DeviceData(Protocol):
@@ -115,7 +115,7 @@ def train_device(source: DeviceData, device: int, msg: Message, context: Context
     codec = settings.compression
     c = settings.client
     # hashed diffs: one hashing per round, shared by its devices; rounding: the device's own
-    codec_seed = round_seed(settings.seed, server_round) if _hashed(codec) else seed
+    codec_seed = round_hash_seed(settings.seed, server_round) if _hashed(codec) else seed
     diff = LearnedDiff.start(
         codec, model, planned_steps(len(rows), c.batch_size, c.epochs, c.steps), codec_seed
     )
@@ -171,7 +171,7 @@ def train_device(source: DeviceData, device: int, msg: Message, context: Context
         learned = None
     if codec is not None and _encodable(weights, received):
         update = learned or {k: weights[k] - received[k] for k in weights}
-        store = ResidualStore(_state_dir(settings, context))
+        store = ResidualStore(_state_dir(settings, context), run=settings.state_dir)
         made_in = int(msg.content[COMPRESSION_KEY]["residual-round"])
         weights = encode_update(
             update, codec, store, device, server_round, codec_seed, made_in, rounding_seed=seed

@@ -33,12 +33,6 @@ from fedtrust.compression import (
 RESIDUALS = "residuals"
 
 
-def round_seed(seed: int, server_round: int) -> int:
-    """The round's shared hashing seed: every device of a round hashes its diff the same way,
-    so their mean (FedAvg) stays in that round's hashed subspace."""
-    return zlib.crc32(f"{seed}:{server_round}".encode())
-
-
 def planned_steps(rows: int, batch_size: int, epochs: int, steps: int) -> int:
     """Local steps a participation takes (the sparse diff's pruning schedule runs over them)."""
     return steps or epochs * math.ceil(rows / max(min(batch_size, rows), 1))
@@ -76,10 +70,12 @@ class LearnedDiff:
 
 
 class ResidualStore:
-    """Each device's error-feedback residual, one file per (device, round) under `folder`."""
+    """Each device's error-feedback residual, one file per (device, round) under `folder`, in
+    a subfolder per `run` (any string naming the run: a real device's storage outlives runs,
+    and another run's round-3 residual must not be taken for this one's)."""
 
-    def __init__(self, folder: Path) -> None:
-        self.folder = Path(folder) / RESIDUALS
+    def __init__(self, folder: Path, run: str = "") -> None:
+        self.folder = Path(folder) / RESIDUALS / f"run-{zlib.crc32(run.encode()):08x}"
 
     def _files(self, device: int) -> dict[int, Path]:
         folder = self.folder / str(device)

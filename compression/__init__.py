@@ -31,7 +31,7 @@ from .codecs import (
 )
 from .diffs import HashedDiff, SparseDiff, make_diff
 from .feedback import compress_with_feedback
-from .hashing import HashedSubspace
+from .hashing import HashedSubspace, round_hash_seed
 from .packing import dequantize, pack_bits, quantize, unpack_bits
 from .settings import METHODS, CompressionSettings
 
@@ -54,5 +54,6 @@ __all__ = [
     "pack_bits",
     "payload_bytes",
     "quantize",
+    "round_hash_seed",
     "unpack_bits",
 ]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+import zlib
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -81,6 +82,12 @@ class HashedSubspace:
                 cpu = ((index + negative * size).to(torch.int32), count)
             per_device[device] = tuple(t.to(device) for t in cpu)
         return per_device[device]
+
+
+def round_hash_seed(seed: int, server_round: int) -> int:
+    """A round's shared hashing seed: every device of the round hashes its diff the same way,
+    so their mean (FedAvg) stays in that round's subspace; the server checks replies use it."""
+    return zlib.crc32(f"{seed}:{server_round}".encode())
 
 
 def hashed_subspace(shapes: Mapping[str, Sequence[int]], buckets: int, seed: int) -> HashedSubspace:

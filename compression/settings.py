@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from numbers import Integral, Real
 
 from fedtrust.errors import ConfigError
+
+from .hashing import split_buckets
 
 METHODS = ("none", "sparse-diff", "hashed-diff", "topk", "quantize")
 SPARSE_METHODS = ("topk", "sparse-diff")
@@ -80,6 +83,15 @@ class CompressionSettings:
     def keep_count(self, entries: int) -> int:
         """topk / sparse-diff: how many of the update's `entries` are sent (at least 1)."""
         return min(entries, max(1, round(self.density * entries)))
+
+    def check_shapes(self, shapes: Mapping[str, Sequence[int]]) -> CompressionSettings:
+        """ConfigError (one line) if this method cannot encode updates of tensors `shapes`
+        (hashed-diff: too few or too many buckets for them); returns self. Call it at start,
+        not first on the devices."""
+        if self.check().method == "hashed-diff":
+            numels = {name: math.prod(shape) for name, shape in shapes.items()}
+            split_buckets(numels, self.bucket_count(sum(numels.values())))
+        return self
 
     def bucket_count(self, entries: int) -> int:
         """hashed-diff: total buckets for an update of `entries` entries."""

@@ -190,7 +190,7 @@ class DeviceSampling:
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         # Sorted by device: a fixed order makes the floating-point sum, and so a resumed run,
         # reproducible.
-        decode = UpdateDecoder(self._global) if self.compression is not None else None
+        decode = UpdateDecoder.for_round(self._global, self.compression, self.seed, server_round)
         ok, self.last_failures, identified = screen_replies(
             replies, self._expected, self._global, self.round_timeout, decode
         )

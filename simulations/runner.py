@@ -27,11 +27,12 @@ from fedtrust.server.checkpoint import checkpoint_folder, load_checkpoint
 from fedtrust.server.evaluation import CentralEvaluator
 from fedtrust.server.federation import FederationResult, RoundCallback
 from fedtrust.server.registry import DeviceRegistry
+from fedtrust.tasks import trainable_state
 from fedtrust.tasks.models import quiet_transformers
 
 from .cohort_summary import cohort_summary, oos_summary
 from .config import Config, ConfigError
-from .federation import device_instructions, make_strategy
+from .federation import compression, device_instructions, make_strategy
 from .flower_scale import fast_message_polling
 from .population import Population, PopulationSource, cached_population
 from .ray_backend import backend_config
@@ -276,12 +277,22 @@ def _privacy_summary(
     return summary
 
 
+def check_compression(cfg: Config, population: Population) -> None:
+    """ConfigError now, not on the devices in round 1, for a hashed-diff bucket count the
+    model's trainable tensors cannot take."""
+    codec = compression(cfg)
+    if codec is not None and codec.method == "hashed-diff":
+        model = population.task.build_model(cfg.run.seed)
+        codec.check_shapes({k: tuple(v.shape) for k, v in trainable_state(model).items()})
+
+
 def simulate(
     cfg: Config, resume: Path | None = None, on_round: RoundHook | None = None
 ) -> tuple[Path, dict[str, Any]]:
     """Run the whole simulation in this process (Ray actors for the devices)."""
     began = time.perf_counter()
     run_dir, population = start_run(cfg, resume)
+    check_compression(cfg, population)
     finished: list[tuple[Federation, FederationResult]] = []
 
     def build(context: Context) -> Federation:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import pytest
+from tiny_runs import tiny_run_config
 
 from fedtrust.clients.settings import TrainInstructions
 from fedtrust.errors import ConfigError
 from fedtrust.simulations.config import load_config
 from fedtrust.simulations.federation import device_instructions
+from fedtrust.simulations.runner import simulate
 
 
 @pytest.mark.parametrize(
@@ -36,3 +38,18 @@ def test_devices_are_told_the_method_and_dense_runs_tell_them_nothing(tmp_path):
     assert (told.compression.method, told.compression.density) == ("topk", 0.02)
     dense = TrainInstructions.from_record(device_instructions(load_config(), tmp_path, 100))
     assert dense.compression is None
+
+
+def test_too_few_buckets_for_the_model_fail_before_the_run(tmp_path, tiny_bert, intent_jsonl):
+    """The bucket count is checked against the model's tensors at start, not in round 1."""
+    cfg = tiny_run_config(
+        tmp_path,
+        tiny_bert,
+        intent_jsonl,
+        "buckets",
+        "compression.method='hashed-diff'",
+        "compression.buckets=3",
+    )
+    with pytest.raises(ConfigError, match=r"compression.buckets: 3 is fewer than the \d+ tensors"):
+        simulate(cfg)
+    assert not (tmp_path / "buckets" / "metrics.jsonl").exists()

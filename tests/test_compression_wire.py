@@ -13,7 +13,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedtrust.clients.downlink import HeldModels
 from fedtrust.clients.updates import ResidualStore, encode_update
-from fedtrust.compression import CompressionSettings, decode, encode
+from fedtrust.compression import CompressionSettings, decode, encode, round_hash_seed
 from fedtrust.compression.lossless import apply_changes, changed_entries, state_crc
 from fedtrust.compression.varint import encode_positions
 from fedtrust.server.downlink import DOWNLINK_KEY, Downlink
@@ -73,12 +73,20 @@ def _updates(n: int, seed: int = 1) -> list[dict[str, torch.Tensor]]:
 
 @pytest.mark.parametrize(
     "method, extra",
-    [("topk", ["compression.density=0.05"]), ("quantize", []), ("hashed-diff", [])],
+    [
+        ("topk", ["compression.density=0.05"]),
+        ("quantize", []),
+        ("hashed-diff", ["compression.density=0.05"]),
+    ],
 )
 def test_compressed_replies_aggregate_exactly_like_their_decoded_dense_ones(method, extra):
     glob, n = _global(), 5
     settings = CompressionSettings(method=method, density=0.05)
-    payloads = [encode(u, settings, seed=i) for i, u in enumerate(_updates(n))]
+    shared = round_hash_seed(0, 1)  # a hashed round's devices share its hash (run seed 0)
+    payloads = [
+        encode(u, settings, seed=shared if method == "hashed-diff" else i, rounding_seed=i)
+        for i, u in enumerate(_updates(n))
+    ]
     compressed, _ = _strategy(method, n, glob, *extra)
     got, _ = compressed.aggregate_train(
         1,
@@ -112,6 +120,35 @@ def test_an_undecodable_payload_is_dropped_with_its_reason():
     strategy.aggregate_train(1, replies)
     assert [f.device for f in strategy.last_failures] == [2]
     assert strategy.last_failures[0].reason.startswith("undecodable update:")
+
+
+def test_a_hashed_reply_outside_the_rounds_subspace_is_dropped():
+    """Every device of a round hashes alike (the round's seed, the configured bucket total);
+    a reply hashed otherwise is dropped, named; an unencoded (faulty) reply is screened."""
+    glob, n = _global(), 4
+    entries = sum(int(np.prod(s)) for s in SHAPES.values())
+    settings = CompressionSettings(method="hashed-diff", density=0.05)
+    right = round_hash_seed(0, 1)
+    other_total = CompressionSettings(
+        method="hashed-diff", buckets=settings.bucket_count(entries) + 7
+    )
+    updates = _updates(n)
+    payloads = [
+        encode(updates[0], settings, seed=right),
+        encode(updates[1], settings, seed=right + 1),
+        encode(updates[2], other_total, seed=right),
+        {k: torch.from_numpy(glob[k]) + u for k, u in updates[3].items()},  # dense weights
+    ]
+    strategy, _ = _strategy("hashed-diff", n, glob, "compression.density=0.05")
+    replies = [
+        _reply(d, ArrayRecord({k: Array(v.numpy()) for k, v in p.items()}))
+        for d, p in enumerate(payloads)
+    ]
+    strategy.aggregate_train(1, replies)
+    failures = {f.device: f.reason for f in strategy.last_failures}
+    assert sorted(failures) == [1, 2]
+    assert "hash.seed" in failures[1] and f"not this round's {right}" in failures[1]
+    assert "hash.total" in failures[2]
 
 
 def test_lossless_changes_rebuild_the_new_model_bit_for_bit():
@@ -246,3 +283,11 @@ def test_a_device_carries_on_from_the_residual_of_its_last_used_reply(tmp_path):
     for k in SHAPES:  # what was sent + the new residual = this update + round 1's residual
         total = sent[k] + store.load(0, 3)[k]
         assert torch.allclose(total, update[k] + after_one[k], atol=1e-6)
+
+
+def test_residuals_of_another_run_are_not_taken_for_this_ones(tmp_path):
+    """A real device's storage outlives runs: round 1's residual of run A is not run B's."""
+    settings = CompressionSettings(method="topk", density=0.1)
+    first, second = ResidualStore(tmp_path, run="runs/a"), ResidualStore(tmp_path, run="runs/b")
+    encode_update(_updates(1)[0], settings, first, 0, 1, seed=0)
+    assert first.load(0, 1) is not None and second.load(0, 1) is None

@@ -85,3 +85,14 @@ def test_fewer_buckets_than_tensors_is_a_config_error():
         HashedSubspace(shapes, 3, seed=0)
     with pytest.raises(ConfigError, match="compression.buckets: 21"):
         HashedSubspace(shapes, 21, seed=0)
+
+
+def test_check_shapes_finds_a_bucket_count_the_model_cannot_take():
+    shapes = {f"t{i}": (4, 4) for i in range(5)}
+    with pytest.raises(ConfigError, match="compression.buckets: 3 is fewer than the 5 tensors"):
+        CompressionSettings(method="hashed-diff", buckets=3).check_shapes(shapes)
+    with pytest.raises(ConfigError, match="compression.buckets: 81 is more than the 80 entries"):
+        CompressionSettings(method="hashed-diff", buckets=81).check_shapes(shapes)
+    fine = CompressionSettings(method="hashed-diff", buckets=40)
+    assert fine.check_shapes(shapes) is fine
+    assert CompressionSettings(method="topk", density=0.001).check_shapes(shapes).method == "topk"
