@@ -27,6 +27,10 @@ def changed_entries(new: State, old: State) -> State:
         idx = np.flatnonzero(_bits(flat_new) != _bits(flat_old)).astype(np.int32)
         if idx.size == 0:
             continue
+        # at least one byte a position: past that bound the dense tensor wins without encoding
+        if idx.size * (1 + value.itemsize) >= value.nbytes:
+            out[name] = np.ascontiguousarray(value)
+            continue
         positions = encode_positions(idx)
         if positions.nbytes + idx.size * value.itemsize >= value.nbytes:
             out[name] = np.ascontiguousarray(value)

@@ -22,6 +22,9 @@ COMPRESSION_VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
         "compression": {"method": "sparse-diff", "density": 0.04, "bits": 8}
     },
     "hashed diff 1%": {"compression": {"method": "hashed-diff", "density": 0.01}},
+    "hashed diff 10%, 4-bit values": {
+        "compression": {"method": "hashed-diff", "density": 0.1, "bits": 4}
+    },
     "8-bit quantised": {"compression": {"method": "quantize", "bits": 8}},
 }
 
