@@ -4,8 +4,10 @@ weights, measured side by side in one process.
 
 Learned diffs (sparse-diff, hashed-diff) cost per step (their projections) and per pruning
 event; top-k and quantisation cost once, at encoding (with error feedback: the residual read
-and written). Prints seconds per participation, the ratio to dense, the payload size and the
-server's decoding time per reply.
+and written). Also timed: the server decoding the reply, and the compressed downlink (the
+server's delta of the moved global model, the device rebuilding it and checking its CRC).
+Prints each part and the overhead: everything compression adds to a participation, as a share
+of the dense one (a simulated round is its participations one after another).
 
     python benchmarks/compression.py                  # the default run's model and a device
     python benchmarks/compression.py --devices 3      # the mean over 3 devices
@@ -20,23 +22,30 @@ import time
 from pathlib import Path
 
 import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord
 
+from fedtrust.clients.downlink import HeldModels
 from fedtrust.clients.train import train_local
 from fedtrust.clients.updates import LearnedDiff, ResidualStore, encode_update, planned_steps
 from fedtrust.compression import CompressionSettings, decode, payload_bytes
+from fedtrust.compression.lossless import changed_entries, state_crc
 from fedtrust.simulations.compression_report import COMPRESSION_VARIANTS
 from fedtrust.simulations.config import load_config
 from fedtrust.simulations.population import cached_population
 from fedtrust.tasks import trainable_state
 
 
-def participation(population, client, device: int, codec, folder: Path) -> tuple[float, int, float]:
-    """Seconds to train `device` once and encode its update; the payload's bytes; seconds the
-    server takes to decode it. Each device hashes with its own seed, as each round does (the
-    hashed subspace is built once per round and seed)."""
+def participation(population, client, device: int, codec, folder: Path) -> dict[str, float]:
+    """One participation of `device` under `codec` (None: dense), timed in its parts:
+    `device` (train + encode, with the residual read and written), `decode` (the server, one
+    reply), `downlink` (the server's delta of a global model that moved by this update, and the
+    device rebuilding and checking it), and the payload `bytes`. Each device hashes with its
+    own seed, as each round does (the hashed subspace is built once per round and seed)."""
     model = population.task.build_model(0)
     start = {k: v.clone() for k, v in trainable_state(model).items()}
     rows = population.rows(device, 1)
+    store = ResidualStore(folder)  # last round's residual: zeros (error feedback reads it)
+    store.save(device, 0, {k: torch.zeros_like(v) for k, v in start.items()}, 0)
     began = time.perf_counter()
     steps = planned_steps(len(rows), client.batch_size, client.epochs, client.steps)
     diff = LearnedDiff.start(codec, model, steps, seed=device + 1)
@@ -45,15 +54,24 @@ def participation(population, client, device: int, codec, folder: Path) -> tuple
     update = diff.update() if diff is not None else None
     weights = {k: v.clone() for k, v in trainable_state(model).items()}
     if codec is None:
-        return time.perf_counter() - began, sum(v.numel() * 4 for v in weights.values()), 0.0
+        size = sum(v.numel() * 4 for v in weights.values())
+        return {"device": time.perf_counter() - began, "bytes": size, "decode": 0, "downlink": 0}
     update = update or {k: weights[k] - start[k] for k in weights}
-    store = ResidualStore(folder)
-    store.save(device, 0, {k: torch.zeros_like(v) for k, v in update.items()}, 0)
     payload = encode_update(update, codec, store, device, 1, device + 1, residual_round=0)
-    seconds = time.perf_counter() - began
+    seconds = {"device": time.perf_counter() - began, "bytes": payload_bytes(payload)}
     began = time.perf_counter()
-    decode(payload, {k: tuple(v.shape) for k, v in update.items()})
-    return seconds, payload_bytes(payload), time.perf_counter() - began
+    decoded = decode(payload, {k: tuple(v.shape) for k, v in update.items()})
+    seconds["decode"] = time.perf_counter() - began
+    old = {k: v.numpy() for k, v in start.items()}
+    new = {k: (start[k] + decoded[k]).numpy() for k in start}
+    began = time.perf_counter()
+    changes = changed_entries(new, old)
+    info = {"base-version": 0, "base-crc": 0, "version": 1, "oldest": 0, "crc": state_crc(new)}
+    HeldModels(folder / str(device), old).receive(
+        ArrayRecord({k: Array(v) for k, v in changes.items()}), ConfigRecord(info)
+    )
+    seconds["downlink"] = time.perf_counter() - began
+    return seconds
 
 
 def main() -> None:
@@ -68,7 +86,7 @@ def main() -> None:
     methods = {
         name: CompressionSettings(**v["compression"]) for name, v in COMPRESSION_VARIANTS.items()
     }
-    results: dict[str, list[tuple[float, int, float]]] = {name: [] for name in methods}
+    results: dict[str, list[dict[str, float]]] = {name: [] for name in methods}
     with tempfile.TemporaryDirectory() as folder:
         for device in range(args.devices):
             for name, codec in methods.items():  # interleaved: drift hits every method alike
@@ -76,15 +94,21 @@ def main() -> None:
                 results[name].append(
                     participation(population, cfg.client, device, codec, Path(folder))
                 )
-    dense = sum(run[0] for run in results[next(iter(results))]) / args.devices
+    mean = {
+        name: {key: sum(run[key] for run in runs) / len(runs) for key in runs[0]}
+        for name, runs in results.items()
+    }
+    dense = mean[next(iter(mean))]["device"]
+    print(f"dense participation: {dense:.2f} s (train + send the weights)")
     print(
-        f"{'method':34s} {'s / participation':>18s} {'vs dense':>9s} {'payload MB':>11s}"
-        f" {'server decode s':>16s}"
+        f"{'method':32s} {'device s':>9s} {'decode s':>9s} {'downlink s':>11s}"
+        f" {'overhead':>9s} {'payload MB':>11s}"
     )
-    for name, runs in results.items():
-        seconds, size, decoding = (sum(column) / len(runs) for column in zip(*runs))
+    for name, m in mean.items():
+        extra = m["device"] + m["decode"] + m["downlink"] - dense
         print(
-            f"{name:34s} {seconds:18.2f} {seconds / dense:9.3f} {size / 1e6:11.3f} {decoding:16.3f}"
+            f"{name:32s} {m['device']:9.2f} {m['decode']:9.3f} {m['downlink']:11.3f}"
+            f" {extra / dense:9.1%} {m['bytes'] / 1e6:11.3f}"
         )
 
 
