@@ -21,6 +21,7 @@ import zlib
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from fedtrust.compression import (
@@ -81,12 +82,12 @@ class ResidualStore:
         folder = self.folder / str(device)
         if not folder.is_dir():
             return {}
-        return {int(p.stem): p for p in folder.glob("*.pt") if p.stem.isdigit()}
+        return {int(p.stem): p for p in folder.glob("*.safetensors") if p.stem.isdigit()}
 
     def load(self, device: int, made_in: int) -> dict[str, torch.Tensor] | None:
         """The residual the device made in round `made_in` (None: none, or `made_in` < 0)."""
         path = self._files(device).get(made_in)
-        return None if path is None else torch.load(path, weights_only=True)
+        return None if path is None else load_file(path)
 
     def save(
         self, device: int, server_round: int, residual: dict[str, torch.Tensor], made_from: int
@@ -95,9 +96,9 @@ class ResidualStore:
         one this round carried on from) can never be asked for again."""
         folder = self.folder / str(device)
         folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / f".{server_round}.{os.getpid()}.pt.tmp"
-        torch.save(residual, tmp)
-        os.replace(tmp, folder / f"{server_round}.pt")
+        tmp = folder / f".{server_round}.{os.getpid()}.tmp"
+        save_file({k: v.contiguous() for k, v in residual.items()}, tmp)
+        os.replace(tmp, folder / f"{server_round}.safetensors")
         for r, path in self._files(device).items():
             if r < made_from:
                 path.unlink(missing_ok=True)

@@ -134,7 +134,7 @@ def test_a_resumed_run_with_error_feedback_equals_an_uninterrupted_one(
     with pytest.raises(Exception):  # noqa: B017 - the hook's stop, as Flower re-raises it
         simulate(cfg, on_round=stop_after_two)
     stopped = tmp_path / "stopped"
-    assert any((stopped / "devices" / RESIDUALS).rglob("*.pt"))  # residuals on the devices
+    assert any((stopped / "devices" / RESIDUALS).rglob("*.safetensors"))  # residuals on the devices
     resumed_dir, _ = simulate(cfg, resume=stopped)
     whole = load_file(str(whole_dir / "model" / "model.safetensors"))
     resumed = load_file(str(resumed_dir / "model" / "model.safetensors"))
