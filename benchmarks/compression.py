@@ -25,17 +25,24 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord
 
 from fedtrust.clients.downlink import HeldModels
+from fedtrust.clients.settings import ClientSettings
 from fedtrust.clients.train import train_local
 from fedtrust.clients.updates import LearnedDiff, ResidualStore, encode_update, planned_steps
 from fedtrust.compression import CompressionSettings, decode, payload_bytes
 from fedtrust.compression.lossless import changed_entries, state_crc
 from fedtrust.simulations.compression_report import COMPRESSION_VARIANTS
 from fedtrust.simulations.config import load_config
-from fedtrust.simulations.population import cached_population
+from fedtrust.simulations.population import Population, cached_population
 from fedtrust.tasks import trainable_state
 
 
-def participation(population, client, device: int, codec, folder: Path) -> dict[str, float]:
+def participation(
+    population: Population,
+    client: ClientSettings,
+    device: int,
+    codec: CompressionSettings | None,
+    folder: Path,
+) -> dict[str, float]:
     """One participation of `device` under `codec` (None: dense), timed in its parts:
     `device` (train + encode, with the residual read and written), `decode` (the server, one
     reply), `downlink` (the server's delta of a global model that moved by this update, and the

@@ -116,9 +116,8 @@ def train_device(source: DeviceData, device: int, msg: Message, context: Context
     c = settings.client
     # hashed diffs: one hashing per round, shared by its devices; rounding: the device's own
     codec_seed = round_hash_seed(settings.seed, server_round) if _hashed(codec) else seed
-    diff = LearnedDiff.start(
-        codec, model, planned_steps(len(rows), c.batch_size, c.epochs, c.steps), codec_seed
-    )
+    steps = planned_steps(len(rows), c.batch_size, c.epochs, c.steps)
+    diff = LearnedDiff.start(codec, model, steps, codec_seed, c.weight_decay)
     hooks = {} if diff is None else {"after_step": diff.after_step, "before_step": diff.before_step}
     info: dict[str, Any] = {"device": device, "available": len(rows)}  # public metadata
     metrics: dict[str, Any] = {}
@@ -171,7 +170,7 @@ def train_device(source: DeviceData, device: int, msg: Message, context: Context
         learned = None
     if codec is not None and _encodable(weights, received):
         update = learned or {k: weights[k] - received[k] for k in weights}
-        store = ResidualStore(_state_dir(settings, context), run=settings.state_dir)
+        store = ResidualStore(_state_dir(settings, context), run=Path(settings.state_dir).name)
         made_in = int(msg.content[COMPRESSION_KEY]["residual-round"])
         weights = encode_update(
             update, codec, store, device, server_round, codec_seed, made_in, rounding_seed=seed

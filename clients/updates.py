@@ -41,23 +41,34 @@ def planned_steps(rows: int, batch_size: int, epochs: int, steps: int) -> int:
 
 class LearnedDiff:
     """The learned diff (sparse or hashed) being trained on a model: `before_step` turns the
-    gradients into the diff's own (hashed: the buckets'), `after_step` projects the trainable
-    weights back onto base + diff after each optimizer step; `update()` is the diff."""
+    gradients into the diff's own (hashed: the buckets'), `after_step` keeps the trainable
+    weights on base + diff after each optimizer step (sparse: the mask; hashed: a projection
+    only under weight decay); `update()` is the diff."""
 
     def __init__(
-        self, settings: CompressionSettings, model: nn.Module, total_steps: int, seed: int
+        self,
+        settings: CompressionSettings,
+        model: nn.Module,
+        total_steps: int,
+        seed: int,
+        weight_decay: float = 0.0,
     ) -> None:
         self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         base = {n: p.detach().clone() for n, p in self.params.items()}
-        self.diff = make_diff(settings, base, total_steps, seed)
+        self.diff = make_diff(settings, base, total_steps, seed, weight_decay)
 
     @classmethod
     def start(
-        cls, settings: CompressionSettings | None, model: nn.Module, total_steps: int, seed: int
+        cls,
+        settings: CompressionSettings | None,
+        model: nn.Module,
+        total_steps: int,
+        seed: int,
+        weight_decay: float = 0.0,
     ) -> LearnedDiff | None:
         if settings is None or settings.method not in ("sparse-diff", "hashed-diff"):
             return None
-        return cls(settings, model, total_steps, seed)
+        return cls(settings, model, total_steps, seed, weight_decay)
 
     def before_step(self) -> None:
         if hasattr(self.diff, "before_step"):
@@ -72,8 +83,8 @@ class LearnedDiff:
 
 class ResidualStore:
     """Each device's error-feedback residual, one file per (device, round) under `folder`, in
-    a subfolder per `run` (any string naming the run: a real device's storage outlives runs,
-    and another run's round-3 residual must not be taken for this one's)."""
+    a subfolder per `run` (the run folder's name, which a moved or resumed run keeps: a real
+    device's storage outlives runs, and two runs sharing it must not mix residuals)."""
 
     def __init__(self, folder: Path, run: str = "") -> None:
         self.folder = Path(folder) / RESIDUALS / f"run-{zlib.crc32(run.encode()):08x}"

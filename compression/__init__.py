@@ -10,6 +10,7 @@ Two families:
 Device side::
 
     diff = make_diff(settings, base, total_steps, seed)   # None for topk / quantize
+    ... before each optimizer step: diff.before_step(params)   (hashed-diff only)
     ... after each optimizer step: diff.after_step(params, step)
     update = diff.finish(params) if diff else {n: p - base[n] for n, p in params.items()}
     payload, residual = compress_with_feedback(update, residual, settings, seed)

@@ -1,9 +1,9 @@
 """Learned diffs: local training constrained so the update is small by construction.
 
 `SparseDiff` prunes the diff from the global weights to a target density along the local
-steps (gradual magnitude pruning); `HashedDiff` keeps the diff in a random hashed subspace
-(HashedNets-style shared weights). Both act on the trainable parameters after every optimizer
-step, in place.
+steps (gradual magnitude pruning), masking the trainable parameters after every optimizer step;
+`HashedDiff` keeps the diff in a random hashed subspace (HashedNets-style shared weights) by
+turning every gradient into its bucket's before each step.
 
 Privacy: the mask and the projection are functions of the trained weights only (under
 sample-level DP, of the DP iterates) and of public randomness, so they are post-processing
@@ -110,10 +110,11 @@ class HashedDiff:
     noised ones), the weights and the public seed only: post-processing of DP iterates.
     """
 
-    def __init__(self, base: Params, buckets: int, seed: int) -> None:
+    def __init__(self, base: Params, buckets: int, seed: int, decay: bool = False) -> None:
         self.base = {name: t.detach().clone() for name, t in base.items()}
         shapes = {name: tuple(t.shape) for name, t in self.base.items()}
         self.subspace = hashed_subspace(shapes, buckets, seed)  # the one `encode` will use
+        self.decay = decay
 
     @torch.no_grad()
     def before_step(self, params: Params) -> None:
@@ -130,11 +131,14 @@ class HashedDiff:
             if param.grad is not None:
                 param.grad.copy_(expanded[name])
 
+    @torch.no_grad()
     def after_step(self, params: Params, step: int) -> None:
-        """Nothing to do: after `before_step` the step itself stays in the subspace (SGD,
-        momentum and Adam move every weight of a bucket alike, up to its sign). Weight decay
-        pulls weights out of it; `finish` projects the diff back once, at the end, instead of
-        two passes over the model every step."""
+        """After `before_step` the step itself stays in the subspace (SGD, momentum and Adam
+        move every weight of a bucket alike, up to its sign), so nothing is done, saving two
+        passes over the model a step. Weight decay pulls weights out of it: with `decay` the
+        diff is projected back after every step."""
+        if self.decay:
+            self._project(params)
 
     @torch.no_grad()
     def finish(self, params: Params) -> Update:
@@ -150,10 +154,15 @@ class HashedDiff:
 
 
 def make_diff(
-    settings: CompressionSettings, base: Params, total_steps: int, seed: int
+    settings: CompressionSettings,
+    base: Params,
+    total_steps: int,
+    seed: int,
+    weight_decay: float = 0.0,
 ) -> SparseDiff | HashedDiff | None:
     """The learned-diff constraint for `settings` (None for methods that compress after
-    training). Use the same `seed` in `encode` for hashed-diff."""
+    training). Use the same `seed` in `encode` for hashed-diff; give the optimizer's
+    `weight_decay` (a hashed diff then projects after every step)."""
     settings.check()
     if settings.method == "sparse-diff":
         return SparseDiff(
@@ -161,5 +170,5 @@ def make_diff(
         )
     if settings.method == "hashed-diff":
         entries = sum(t.numel() for t in base.values())
-        return HashedDiff(base, settings.bucket_count(entries), seed)
+        return HashedDiff(base, settings.bucket_count(entries), seed, decay=weight_decay > 0)
     return None

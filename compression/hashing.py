@@ -22,8 +22,8 @@ Update = dict[str, torch.Tensor]
 
 
 class HashedSubspace:
-    """The span of one signed indicator vector per bucket; buckets are split over tensors in
-    proportion to their size, at least one each, `buckets` in total.
+    """The span of one signed indicator vector per bucket; `buckets` in total, split over the
+    tensors by `split_buckets`.
 
     The basis vectors have disjoint supports, so least squares is a per-bucket mean and
     `expand(project(u))` is the orthogonal projection of u onto the subspace.
@@ -64,8 +64,9 @@ class HashedSubspace:
 
     def _hash(self, name: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(slot, bucket population >= 1): entry j's slot is h(j) when its sign is +1 and
-        h(j) + buckets when it is -1, so one int32 gather/scatter over [b, -b] does the signs
-        (two to three times faster than int64 indices and a separate sign multiply)."""
+        h(j) + size (the tensor's bucket count) when it is -1, so one gather/scatter over
+        [b, -b] does the signs; int32 slots (int64 past 2**31) make it two to three times
+        faster than int64 indices and a separate sign multiply."""
         per_device = self._cache.setdefault(name, {})
         if device not in per_device:
             if per_device:
@@ -79,7 +80,8 @@ class HashedSubspace:
                     index = torch.randint(0, max(size, 1), (numel,), generator=gen)
                     negative = 1 - torch.randint(0, 2, (numel,), generator=gen)
                 count = torch.bincount(index, minlength=size).clamp(min=1).to(torch.float32)
-                cpu = ((index + negative * size).to(torch.int32), count)
+                slot = index + negative * size
+                cpu = (slot.to(torch.int32) if 2 * size < 2**31 else slot, count)
             per_device[device] = tuple(t.to(device) for t in cpu)
         return per_device[device]
 

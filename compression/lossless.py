@@ -3,8 +3,8 @@
 The server sends a device the new global model as the entries that differ from the version the
 device holds (`changed_entries`); the device overwrites those entries (`apply_changes`). New
 values replace old ones (no float addition), so the device's copy equals the server's bit for
-bit; `state_crc` lets it check. When more than half the entries changed, a dense tensor is
-smaller than indices + values and is sent as it is.
+bit; `state_crc` lets it check. When positions + values would not be smaller than the dense
+tensor (about 80 % of the entries changed, with varint positions), the tensor is sent as it is.
 """
 
 from __future__ import annotations

@@ -78,13 +78,18 @@ def quantize(
     Rounding up with probability equal to the fractional position keeps the decoded value
     unbiased (E[decoded] = value). Returns (packed uint8 codes, float32 [lo, hi]).
     """
-    # float32 resolves a level's fraction to ~2**-16 up to 8 bits; wider codes need float64
-    dtype = torch.float32 if bits <= 8 else torch.float64
-    x = values.detach().reshape(-1).to("cpu", dtype)
+    x = values.detach().reshape(-1).to("cpu", torch.float32)
     if x.numel() == 0:
         return torch.zeros(0, dtype=torch.uint8), torch.zeros(2, dtype=torch.float32)
     lo, hi = x.aminmax()
     levels = 2**bits - 1
+    # float32 resolves a level's fraction to ~2**-16 up to 8 bits; wider codes, and ranges so
+    # narrow or wide that levels / (hi - lo) leaves float32, need float64
+    dtype = torch.float32
+    scale = levels / (hi - lo)  # float32: inf for a denormal range, 0 when hi - lo overflows
+    if bits > 8 or (hi > lo and not (torch.isfinite(scale) and scale > 0)):
+        dtype = torch.float64
+        x, lo, hi = x.double(), lo.double(), hi.double()
     if hi == lo:
         codes = torch.zeros(x.numel(), dtype=torch.int64)
     else:
@@ -109,6 +114,7 @@ def dequantize(
     lo, hi = value_range.to(torch.float64)
     if hi == lo:
         return torch.full((count,), float(lo), dtype=torch.float32)
-    dtype = torch.float32 if bits <= 8 else torch.float64
+    # float32 unless a code times the step could overflow it on the way to hi
+    dtype = torch.float32 if bits <= 8 and float(hi - lo) < 1e37 else torch.float64
     step = float((hi - lo) / (2**bits - 1))
     return codes.to(dtype).mul_(step).add_(float(lo)).to(torch.float32)

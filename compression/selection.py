@@ -49,6 +49,8 @@ def _bracket(
         [max(0.0, 1 - share - margin), min(1.0, 1 - share + margin)], device=scores.device
     )
     low, high = torch.quantile(sample.float(), quantiles).to(scores.dtype)
+    if share < margin:  # a handful of entries: the sample's top would already hold too many
+        high = torch.tensor(float("inf"), dtype=scores.dtype, device=scores.device)
     above = scores > high
     need = count - int(above.sum())
     band = torch.nonzero((scores >= low) & ~above).squeeze(1)

@@ -56,8 +56,9 @@ def start_run(cfg: Config, resume: Path | None = None) -> tuple[Path, Population
     """Create (or reopen) the run folder and build the population; fails early on bad input.
 
     Everything that can be checked before training is: the population (bad data, more devices
-    per round than devices), the checkpoint to resume from (a corrupt one is a one-line error
-    naming the file) and that the run folder can be written. A run that fails these checks
+    per round than devices), a hashed-diff bucket count the model cannot take, the checkpoint
+    to resume from (a corrupt one is a one-line error naming the file) and that the run folder
+    can be written. A run that fails these checks
     leaves no folder behind: a new run folder is created only once they pass.
     """
     if resume is None:
@@ -78,6 +79,7 @@ def start_run(cfg: Config, resume: Path | None = None) -> tuple[Path, Population
             f"selection.devices_per_round: {k} is larger than the population "
             f"({population.size} devices)"
         )
+    check_compression(cfg, population)
     if resume is None:
         _create_run_folder(cfg, run_dir)
     else:
@@ -292,7 +294,6 @@ def simulate(
     """Run the whole simulation in this process (Ray actors for the devices)."""
     began = time.perf_counter()
     run_dir, population = start_run(cfg, resume)
-    check_compression(cfg, population)
     finished: list[tuple[Federation, FederationResult]] = []
 
     def build(context: Context) -> Federation:

@@ -133,22 +133,26 @@ def test_hashed_diff_training_stays_in_the_subspace_and_learns(adam):
     assert sum(v.numel() for k, v in payload.items() if k.endswith(".buckets")) == 20
 
 
-def test_hashed_diff_under_weight_decay_ends_projected():
-    """Weight decay pulls weights out of the subspace; `finish` puts the diff back in it."""
+@pytest.mark.parametrize("decay", [False, True])
+def test_hashed_diff_under_weight_decay_ends_projected(decay):
+    """Weight decay pulls weights out of the subspace: with `decay` every step is projected
+    back; without, `finish` puts the diff back in it once."""
     model, x, y = _regression(4)
     base = {name: p.detach().clone() for name, p in model.named_parameters()}
-    hashed = HashedDiff(base, buckets=20, seed=2)
+    hashed = HashedDiff(base, buckets=20, seed=2, decay=decay)
     params = dict(model.named_parameters())
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.5)
-    for _ in range(20):
+    for step in range(1, 21):
         optimizer.zero_grad()
         nn.functional.mse_loss(model(x), y).backward()
         hashed.before_step(params)
         optimizer.step()
+        hashed.after_step(params, step)
     subspace = hashed.subspace
     drifted = {name: params[name].detach() - base[name] for name in base}
     inside = subspace.expand(subspace.project(drifted))
-    assert not all(torch.allclose(inside[n], drifted[n], atol=1e-6) for n in base)
+    stayed = all(torch.allclose(inside[n], drifted[n], atol=1e-6) for n in base)
+    assert stayed == decay
     diff = hashed.finish(params)
     assert all(torch.allclose(diff[n], inside[n], atol=1e-6) for n in base)
     assert all(torch.allclose(params[n].detach(), base[n] + diff[n], atol=1e-6) for n in base)
@@ -202,3 +206,10 @@ def test_a_pruned_entry_never_comes_back_even_on_ties():
     params["w"].zero_()
     sparse.after_step(params, 2)
     assert int(sparse.mask["w"].sum()) == 2 and not (sparse.mask["w"] & ~first).any()
+
+
+def test_make_diff_projects_a_hashed_diff_every_step_only_under_weight_decay():
+    base = {"w": torch.zeros(50, 4)}
+    settings = CompressionSettings(method="hashed-diff", density=0.1)
+    assert make_diff(settings, base, total_steps=10, seed=0, weight_decay=0.01).decay
+    assert not make_diff(settings, base, total_steps=10, seed=0).decay

@@ -107,3 +107,18 @@ def test_quantize_codec_is_unbiased_across_seeds():
     stderr = scale * (fraction * (1 - fraction) / draws).sqrt()
     assert ((mean - x).abs() <= 5 * stderr + 1e-6).all()
     assert torch.equal(decode(encode(update, settings, seed=0), shapes)["b"], update["b"])
+
+
+@pytest.mark.parametrize(
+    "values",
+    [[0.0, 1e-39, 0.0, 5e-40], [-3e38, 3e38, 0.0, 1e38]],  # a denormal range, an overflowing one
+)
+def test_quantisation_survives_extreme_ranges(values):
+    """float32 arithmetic would overflow here (levels / range or code x step): still within
+    one level, and finite."""
+    x = torch.tensor(values)
+    packed, value_range = quantize(x, 8, torch.Generator().manual_seed(0))
+    back = dequantize(packed, value_range, 8, len(values))
+    level = (max(values) - min(values)) / 255
+    assert torch.isfinite(back).all()
+    assert ((back.double() - x.double()).abs() <= level * (1 + 1e-6)).all()
