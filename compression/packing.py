@@ -85,17 +85,16 @@ def quantize(
     levels = 2**bits - 1
     # float32 resolves a level's fraction to ~2**-16 up to 8 bits; wider codes, and ranges so
     # narrow or wide that levels / (hi - lo) leaves float32, need float64
-    dtype = torch.float32
     scale = levels / (hi - lo)  # float32: inf for a denormal range, 0 when hi - lo overflows
     if bits > 8 or (hi > lo and not (torch.isfinite(scale) and scale > 0)):
-        dtype = torch.float64
         x, lo, hi = x.double(), lo.double(), hi.double()
+        scale = levels / (hi - lo)
     if hi == lo:
         codes = torch.zeros(x.numel(), dtype=torch.int64)
     else:
-        position = (x - lo).mul_(levels / (hi - lo))
+        position = (x - lo).mul_(scale)
         floor = position.floor()
-        up = torch.rand(x.numel(), generator=gen, dtype=dtype) < position.sub_(floor)
+        up = torch.rand(x.numel(), generator=gen, dtype=x.dtype) < position.sub_(floor)
         codes = floor.add_(up).clamp_(0, levels).to(torch.uint8 if bits <= 8 else torch.int64)
     packed = torch.from_numpy(pack_bits(codes.numpy(), bits))
     return packed, torch.stack([lo, hi]).to(torch.float32)
